@@ -48,6 +48,8 @@ __all__ = [
     "load_sd_folder",
     "VOCAB_WORDS",
     "VARIANTS",
+    "REFERENCE_UNET_CONFIGS",
+    "reference_unet",
 ]
 
 VARIANTS = ("sd15", "sd2", "sdxl")
@@ -164,7 +166,7 @@ def tiny_text_encoder(variant: str = "sd15", seed: int = 0):
     return model.eval().requires_grad_(False)
 
 
-def _unet_config(variant: str, sample_size: int = 32) -> dict[str, Any]:
+def _unet_config(variant: str, sample_size: int = 32, deep: bool = False) -> dict[str, Any]:
     common = dict(
         sample_size=sample_size,
         in_channels=4,
@@ -174,6 +176,19 @@ def _unet_config(variant: str, sample_size: int = 32) -> dict[str, Any]:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
+    if deep:
+        if variant != "sd15":
+            from .errors import AttnPatchError
+
+            raise AttnPatchError("deep=True exists for the sd15 variant only")
+        return dict(
+            common,
+            block_out_channels=(4, 8, 8),
+            cross_attention_dim=8,
+            attention_head_dim=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        )
     if variant == "sd15":
         return dict(common, block_out_channels=(4, 8), cross_attention_dim=8)
     if variant == "sd2":
@@ -198,14 +213,18 @@ def _unet_config(variant: str, sample_size: int = 32) -> dict[str, Any]:
     )
 
 
-def tiny_unet(variant: str = "sd15", seed: int = 0, sample_size: int = 32):
-    """A tiny ``UNet2DConditionModel`` in eval mode with frozen weights (see module doc)."""
+def tiny_unet(variant: str = "sd15", seed: int = 0, sample_size: int = 32, deep: bool = False):
+    """A tiny ``UNet2DConditionModel`` in eval mode with frozen weights (see module doc).
+
+    ``deep=True`` (sd15 only) adds a third level, so attention runs at two resolutions
+    (latent/2 and latent/4) in down, mid and up blocks: 14 attention layers instead of 8.
+    """
     from diffusers import UNet2DConditionModel
 
     _check_variant(variant)
     state = _seeded(seed)
     try:
-        unet = UNet2DConditionModel(**_unet_config(variant, sample_size))
+        unet = UNet2DConditionModel(**_unet_config(variant, sample_size, deep))
     finally:
         torch.random.set_rng_state(state)
     return unet.eval().requires_grad_(False)
@@ -232,6 +251,68 @@ def mid_unet(seed: int = 0, width: int = 32, cross_attention_dim: int = 64):
         )
     finally:
         torch.random.set_rng_state(state)
+    return unet.eval().requires_grad_(False)
+
+
+#: Public UNet configs of real models (architecture only: no weights), for tracing attention
+#: sites and for benchmarks with SD-sized UNets. Values from the models' ``unet/config.json``.
+REFERENCE_UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        cross_attention_dim=768,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sd21": dict(
+        sample_size=96,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20, 20),  # head counts, despite the name
+        cross_attention_dim=1024,
+        use_linear_projection=True,
+        upcast_attention=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    ),
+}
+
+
+def reference_unet(name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None):
+    """A real model's UNet architecture (``"sd15"``, ``"sd21"``, ``"sdxl"``) with random or no weights.
+
+    On the ``"meta"`` device (default) nothing is allocated: forward passes compute shapes only,
+    which is how ``trace_attention`` documents SD-sized UNets on a laptop. On a real device the
+    weights are random (fine for speed and memory benchmarks, useless for images).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if name not in REFERENCE_UNET_CONFIGS:
+        from .errors import AttnPatchError
+
+        raise AttnPatchError(
+            f"unknown reference UNet {name!r}; choose one of {sorted(REFERENCE_UNET_CONFIGS)}"
+        )
+    with torch.device(device):
+        unet = UNet2DConditionModel(**REFERENCE_UNET_CONFIGS[name])
+    if dtype is not None:
+        unet = unet.to(dtype)
     return unet.eval().requires_grad_(False)
 
 
@@ -344,11 +425,11 @@ class TinySD:
         )
 
 
-def tiny_sd(variant: str = "sd15", seed: int = 0) -> TinySD:
+def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> TinySD:
     """Every part of a tiny SD stack of ``variant`` (``"sd15"``, ``"sd2"`` or ``"sdxl"``)."""
     _check_variant(variant)
     return TinySD(
-        unet=tiny_unet(variant, seed),
+        unet=tiny_unet(variant, seed, deep=deep),
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(variant, seed),
         tokenizer=tiny_tokenizer(),
