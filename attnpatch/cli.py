@@ -76,8 +76,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Functions ``register(subparsers)`` adding further subcommands (train, apply, doctor).
-_SUBCOMMANDS: list = []
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import apply_flags, load_config
+    from .run import run_training
+
+    cfg = load_config(args.config, apply_flags(args))
+    if args.quiet:
+        cfg.train.progress = False
+    print(f"attnpatch train: out_dir={cfg.train.out_dir} models={cfg.models.classifier}/"
+          f"{cfg.models.diffusion} iterations={cfg.train.iterations} K={cfg.train.accumulate}")
+    result = run_training(cfg, resume=args.resume)
+    print(f"done in {result.seconds:.1f} s; outputs in {result.out_dir}/")
+    for name in ("patch.png", "patch.safetensors", "metrics.jsonl", "loss_curves.png",
+                 "attention.png", "examples.png", "summary.json"):
+        print(f"  {result.out_dir / name}")
+    print(result.evaluation)
+    return 0
+
+
+def _add_train(sub) -> None:
+    from .config import add_config_flags
+
+    train = sub.add_parser(
+        "train",
+        help="train a patch (no config: the embedded tiny default)",
+        description="Train an adversarial patch. Every config field is a flag: --section.key VALUE.",
+    )
+    train.add_argument("--config", default=None, help="YAML or TOML config file")
+    train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(train)
+    train.set_defaults(func=_cmd_train)
+
+
+def _image_files(paths: list[str]) -> list[str]:
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in sorted(os.walk(p)):
+                files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(exts)]
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise AttnPatchError(f"no image file or folder at {p!r}")
+    if not files:
+        raise AttnPatchError(f"no images found in {paths}")
+    return files
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .patch import AdversarialPatch
+    from .viz import save, to_pil
+
+    patch = AdversarialPatch.load(args.patch)
+    os.makedirs(args.out, exist_ok=True)
+    g = torch.Generator().manual_seed(args.seed)
+    for path in _image_files(args.images):
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            patched, _ = patch(x, eot=args.eot, generator=g)
+        dest = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_patched.png")
+        save(to_pil(patched[0]), dest)
+        print(dest)
+    return 0
+
+
+def _add_apply(sub) -> None:
+    apply = sub.add_parser("apply", help="apply a saved patch to images (needs only the patch file)")
+    apply.add_argument("patch", help="patch.safetensors written by attnpatch train")
+    apply.add_argument("images", nargs="+", help="image files or folders")
+    apply.add_argument("--out", default="patched", help="output folder (default: patched/)")
+    apply.add_argument("--seed", type=int, default=0, help="placement/EOT seed (default 0)")
+    apply.add_argument("--eot", action="store_true", help="apply with EOT transforms")
+    apply.set_defaults(func=_cmd_apply)
+
+
+#: Functions ``register(subparsers)`` adding further subcommands.
+_SUBCOMMANDS: list = [_add_train, _add_apply]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,8 @@ Variants (``tiny_sd(variant)``):
 block, 8 heads, reduced widths) for CPU benchmarks.
 
 All components can be written with ``save_pretrained`` (see :func:`save_tiny_sd`) and read back
-with ``from_pretrained``, which is how the library loads real models.
+with ``attnpatch.registry.load_diffusion(folder)`` (``from_pretrained``, offline), which is how
+the library loads real models.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ __all__ = [
     "TinyClassifier",
     "mid_unet",
     "save_tiny_sd",
-    "load_sd_folder",
     "VOCAB_WORDS",
     "VARIANTS",
     "REFERENCE_UNET_CONFIGS",
@@ -440,7 +440,7 @@ def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> TinySD:
 
 def save_tiny_sd(sd: TinySD, folder: str | os.PathLike) -> str:
     """Write ``sd`` as a diffusers model folder (``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``, ``scheduler/``) that :func:`load_sd_folder` and ``from_pretrained`` read."""
+    ``tokenizer/``, ``scheduler/``) that ``registry.load_diffusion(folder)`` reads."""
     folder = os.fspath(folder)
     sd.unet.save_pretrained(os.path.join(folder, "unet"))
     sd.vae.save_pretrained(os.path.join(folder, "vae"))
@@ -448,44 +448,6 @@ def save_tiny_sd(sd: TinySD, folder: str | os.PathLike) -> str:
     sd.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     sd.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     return folder
-
-
-def load_sd_folder(folder: str | os.PathLike, variant: str | None = None) -> TinySD:
-    """Load a diffusers-layout model folder (tiny or real SD1.x / SD2.x / SDXL) offline.
-
-    The scheduler is read as a ``DDIMScheduler`` from ``scheduler/scheduler_config.json``
-    whatever class the folder names (SD folders ship PNDM or Euler configs). For SDXL folders,
-    the text encoder read is ``text_encoder_2`` when present (its projection gives the pooled
-    ``text_embeds``), else ``text_encoder``.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from .errors import AttnPatchError
-
-    folder = os.fspath(folder)
-    if not os.path.isdir(os.path.join(folder, "unet")):
-        raise AttnPatchError(
-            f"{folder!r} is not a diffusers model folder (no unet/ inside); pass the folder that "
-            "holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
-        )
-    kw = dict(local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), **kw)
-    if variant is None:
-        variant = "sdxl" if unet.config.addition_embed_type == "text_time" else "sd15"
-    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), **kw)
-    if variant == "sdxl":
-        sub = "text_encoder_2" if os.path.isdir(os.path.join(folder, "text_encoder_2")) else "text_encoder"
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, sub), **kw)
-        tok_sub = "tokenizer_2" if sub == "text_encoder_2" else "tokenizer"
-    else:
-        text_encoder = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), **kw)
-        tok_sub = "tokenizer"
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, tok_sub), **kw)
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(folder, "scheduler"), **kw)
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    return TinySD(unet, vae, text_encoder, tokenizer, scheduler, variant)
 
 
 def _check_variant(variant: str) -> None:
