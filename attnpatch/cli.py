@@ -158,8 +158,34 @@ def _add_apply(sub) -> None:
     apply.set_defaults(func=_cmd_apply)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .config import apply_flags, load_config
+    from .doctor import doctor
+
+    cfg = load_config(args.config, apply_flags(args))
+    cfg.train.progress = False
+    report = doctor(cfg, iterations=args.iterations)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def _add_doctor(sub) -> None:
+    from .config import add_config_flags
+
+    doc = sub.add_parser(
+        "doctor",
+        help="run a few instrumented iterations and check the seed's checklist",
+        description="Checks gradient flow, the hijack, image ranges/layouts, every loss term, the "
+        "accumulation counter and patch updates. Exit status 1 if a check fails.",
+    )
+    doc.add_argument("--config", default=None, help="the same config as `attnpatch train`")
+    doc.add_argument("--iterations", type=int, default=None, help="default: K + 1")
+    add_config_flags(doc)
+    doc.set_defaults(func=_cmd_doctor)
+
+
 #: Functions ``register(subparsers)`` adding further subcommands.
-_SUBCOMMANDS: list = [_add_train, _add_apply]
+_SUBCOMMANDS: list = [_add_train, _add_apply, _add_doctor]
 
 
 def main(argv: list[str] | None = None) -> int:

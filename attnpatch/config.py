@@ -108,11 +108,15 @@ class AttentionConfig:
 
 @dataclass
 class WeightsConfig:
-    """Loss weights; 0 removes a term without computing it."""
+    """Loss weights (docs/losses.md); 0 removes a term without computing it.
 
-    classifier: float = 1.0
-    cross_attention: float = 1.0
-    self_attention: float = 1.0
+    Defaults: DiffAttack's relative weights (10 classifier, 10000 cross-attention variance, 100
+    self-attention structure) plus a small L2 term.
+    """
+
+    classifier: float = 10.0
+    cross_attention: float = 10000.0
+    self_attention: float = 100.0
     l2: float = 0.01
     tv: float = 0.0
 

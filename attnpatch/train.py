@@ -144,7 +144,15 @@ class PatchTrainer:
         self.counter = 0  # the seed's accumulation counter
         self.steps = 0  # optimizer steps done
         self._references: dict[int, dict[str, torch.Tensor]] = {}
-        self.callbacks: list[Callable[[PatchTrainer, Forward, bool], None]] = []
+        #: Functions called with ``(trainer, forward)`` after each forward pass ("forward"),
+        #: after each ``backward()`` ("backward"), and with ``(trainer, forward, stepped)``
+        #: after each iteration ("iteration"). The doctor and tests instrument the loop here.
+        self.hooks: dict[str, list[Callable[..., None]]] = {
+            "forward": [],
+            "backward": [],
+            "iteration": [],
+        }
+        self.callbacks = self.hooks["iteration"]
         self._check_classifier()
 
     # -- one forward pass ---------------------------------------------------------------------
@@ -156,18 +164,15 @@ class PatchTrainer:
         check_image(patched, CLASSIFIER_RANGE, name="classifier input")
         logits = self.classifier(patched)
         targets = labels if self.target is None else torch.full_like(labels, self.target)
-        attack = self.config.attack
-        kappa = {"kappa": attack.kappa} if attack.loss == "cw" else {}
-        terms.add(
-            "classifier",
-            lambda: classifier_loss(logits, targets, targeted=attack.targeted, kind=attack.loss, **kappa),
-        )
+        terms.add("classifier", lambda: self.classifier_term(logits, targets))
         result = None
         if terms.wants("cross_attention", "self_attention"):
-            prompts = [self.prompts[int(y)] for y in labels]
-            tokens = [self.tokens[int(y)] for y in labels]
-            result = self.attention(patched, prompts)
-            terms.add("cross_attention", lambda: self._cross_loss(result, mask, tokens))
+            result = self.attention(patched, [self.prompts[int(y)] for y in labels])
+            res = self.attention.cross_resolution
+            terms.add(
+                "cross_attention",
+                lambda: self.cross_attention_term(result.cross_maps(res), mask, labels),
+            )
             terms.add(
                 "self_attention",
                 lambda: self_attention_structure(
@@ -178,8 +183,17 @@ class PatchTrainer:
         terms.add("tv", lambda: total_variation(self.patch.pixels))
         return Forward(images, labels, targets, patched, mask, logits, result, terms)
 
-    def _cross_loss(self, result: AttentionResult, mask: torch.Tensor, tokens) -> torch.Tensor:
-        maps = result.cross_maps(self.attention.cross_resolution)
+    def classifier_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The configured classifier loss on logits ``(B, C)``."""
+        attack = self.config.attack
+        kappa = {"kappa": attack.kappa} if attack.loss == "cw" else {}
+        return classifier_loss(logits, targets, targeted=attack.targeted, kind=attack.loss, **kappa)
+
+    def cross_attention_term(
+        self, maps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The configured cross-attention loss on maps ``(B, h, w, 77)`` for the labels' words."""
+        tokens = [self.tokens[int(y)] for y in labels]
         kind = self.config.attention.cross_loss
         if kind == "variance":
             return cross_attention_variance(maps, tokens)
@@ -210,7 +224,9 @@ class PatchTrainer:
             ):
                 indices = batch_indices(len(self.data), self.config.data.batch_size, it, seed=cfg.seed)
                 fwd = self.forward(images, labels, indices)
+                self._emit("forward", fwd)
                 fwd.terms.total().backward()  # every iteration
+                self._emit("backward", fwd)
                 self.counter += 1
                 stepped = self.counter == K
                 if stepped:  # only when the counter reaches K
@@ -228,6 +244,10 @@ class PatchTrainer:
                 bar.close()
         return self.patch
 
+    def _emit(self, event: str, *args: Any) -> None:
+        for hook in self.hooks[event]:
+            hook(self, *args)
+
     # -- logging ------------------------------------------------------------------------------
     def _log(self, fwd: Forward, stepped: bool, bar: Any) -> None:
         record = {"iteration": self.iteration - 1, "step": stepped, "counter": self.counter}
@@ -243,8 +263,7 @@ class PatchTrainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(_short(record))
-        for callback in self.callbacks:
-            callback(self, fwd, stepped)
+        self._emit("iteration", fwd, stepped)
 
     # -- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:

@@ -1,0 +1,76 @@
+"""The seed's training loop written out by hand from attnpatch's public pieces.
+
+Runs offline on the tiny embedded models in about a minute on a laptop CPU:
+
+    python examples/train_patch.py
+
+Every line of the pipeline is visible: patch + EOT -> classifier -> VAE -> DDIM inversion
+(with grad) -> denoising under `hijack` -> attention losses -> gradient accumulation.
+"""
+
+import torch
+
+import attnpatch as ap
+from attnpatch.data import ShapesConfig, batches, shapes_dataset
+from attnpatch.losses import (
+    LossTerms,
+    classifier_loss,
+    cross_attention_variance,
+    l2_norm,
+    self_attention_structure,
+)
+
+torch.manual_seed(0)
+K, ITERATIONS, N, k = 4, 80, 10, 2  # accumulation, iterations, DDIM schedule, DDIM steps
+data = shapes_dataset(ShapesConfig(size=32, train_per_class=20, seed=1))
+classifier = ap.load_classifier("tiny")  # trained on other synthetic shapes, cached; frozen
+sd = ap.load_diffusion("tiny")  # unet, vae, text_encoder, tokenizer, scheduler; frozen
+prompts = [f"a photo of a {c}" for c in data.classes]
+tokens = [ap.token_indices(sd.tokenizer, p, c) for p, c in zip(prompts, data.classes)]
+
+patch = ap.AdversarialPatch(12, init="random", scale=(0.35, 0.45), eot=ap.EOT())
+optimizer = torch.optim.Adam(patch.parameters(), lr=0.05)
+weights = {"classifier": 1.0, "cross_attention": 1000.0, "self_attention": 100.0, "l2": 0.001}
+
+
+def attention_maps(images, labels):
+    """image -> VAE -> DDIM inversion -> denoise under hijack -> (cross maps, self maps)."""
+    x = ap.check_image(ap.to_diffusion_input(images, multiple=2), (-1, 1))  # tiny VAE factor 2
+    z0 = ap.vae_encode(sd.vae, x)
+    cond = ap.encode_prompt(sd.tokenizer, sd.text_encoder, [prompts[y] for y in labels]).cond
+    zT = ap.ddim_invert(sd.unet, sd.scheduler, z0, cond, num_inference_steps=N, num_steps=k)
+    store = ap.AttentionStore()
+    with ap.hijack(sd.unet, store):  # processors installed ...
+        ap.ddim_denoise(sd.unet, sd.scheduler, zT, cond, num_inference_steps=N, num_steps=k)
+    # ... and restored here, before any loss is computed (the seed: "REMOVE hijack")
+    return store.aggregate("cross", 8), store.maps("self", 8)
+
+
+counter = 0  # the seed's iteration counter for gradient accumulation
+for it, images, labels in batches(data, 1, seed=0, stop=ITERATIONS):
+    patched, mask = patch(images)  # EOT on; patch(images, eot=False) switches it off
+    logits = classifier(ap.check_image(patched))  # [0, 1] RGB (B, 3, H, W)
+    cross, selfs = attention_maps(patched, labels.tolist())
+    with torch.no_grad():  # reference structure: the clean image
+        _, clean_selfs = attention_maps(images, labels.tolist())
+
+    terms = LossTerms(weights)
+    terms.add("classifier", lambda: classifier_loss(logits, labels))  # untargeted: -CE
+    terms.add("cross_attention", lambda: cross_attention_variance(cross, [tokens[y] for y in labels]))
+    terms.add("self_attention", lambda: self_attention_structure(selfs, clean_selfs))
+    terms.add("l2", lambda: l2_norm(patched, images))
+    terms.total().backward()  # every iteration
+
+    counter += 1
+    if counter == K:  # step only when the counter reaches K ...
+        optimizer.step()
+        optimizer.zero_grad()  # ... and zero the gradient only right after a step
+        patch.clamp_()  # keep the patch in [0, 1]
+        counter = 0
+    if it % 10 == 0:
+        print(f"it {it:3d} | {terms}")  # every loss separately
+
+patch.save("patch.safetensors")
+held = shapes_dataset(ShapesConfig(size=32, heldout_per_class=20, seed=1), "heldout")
+images, labels = held.get_batch(range(len(held)))
+print(ap.evaluate_patch(classifier, patch, images, labels))
