@@ -18,7 +18,7 @@ from . import losses
 from .attention_pipeline import AttentionPipeline, AttentionResult
 from .config import TrainConfig, load_config
 from .controllers import AttentionControl, AttentionStore, ComposeControl, ReweightCrossAttention
-from .ddim import ddim_denoise, ddim_invert
+from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
 from .eot import EOT
 from .errors import AttnPatchError
 from .evaluate import EvalResult, evaluate_patch
@@ -26,12 +26,18 @@ from .hijack import hijack, is_hijacked
 from .images import check_image, to_diffusion_input
 from .patch import AdversarialPatch, PatchParams, apply_patch
 from .processor import ControlledAttnProcessor
-from .prompts import PromptEmbeds, encode_prompt, sdxl_added_cond_kwargs, token_indices
+from .prompts import (
+    PromptEmbeds,
+    cached_embeddings,
+    encode_prompt,
+    sdxl_added_cond_kwargs,
+    token_indices,
+)
 from .registry import load_classifier, load_diffusion, register_classifier, register_diffusion
 from .sites import AttnSite
 from .trace import trace_attention
 from .train import PatchTrainer
-from .vae import vae_decode, vae_encode
+from .vae import vae_decode, vae_encode, vae_scale_factor
 
 __version__ = "0.1.0"
 
@@ -50,12 +56,15 @@ __all__ = [
     "trace_attention",
     "ddim_invert",
     "ddim_denoise",
+    "ddim_timesteps",
     "encode_prompt",
+    "cached_embeddings",
     "PromptEmbeds",
     "token_indices",
     "sdxl_added_cond_kwargs",
     "vae_encode",
     "vae_decode",
+    "vae_scale_factor",
     "losses",
     "AdversarialPatch",
     "PatchParams",

@@ -12,6 +12,8 @@ Two conventions meet in this library:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,24 @@ __all__ = ["check_image", "to_diffusion_input", "CLASSIFIER_RANGE", "DIFFUSION_R
 
 CLASSIFIER_RANGE = (0.0, 1.0)
 DIFFUSION_RANGE = (-1.0, 1.0)
+
+_IMAGE_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what a channels-last last dim looks like
+
+
+def _looks_channels_last(shape: torch.Size, channels: int | None) -> bool:
+    """``(B, H, W, C)``: a last dim that is a channel count, and two leading dims too big to be."""
+    candidates = _IMAGE_CHANNELS if channels is None else (channels,)
+    return shape[-1] in candidates and min(shape[1], shape[2]) > max(_IMAGE_CHANNELS)
+
+
+def _range_hint(lo: float, hi: float, low: float, high: float) -> str:
+    """The likeliest cause of an out-of-range batch, phrased as the fix."""
+    if hi > 2.0 and high <= 1.0 and lo >= -1e-3:
+        fix = "x / 255" if low == 0.0 else "x / 127.5 - 1"
+        return f"They look like [0, 255] pixels: pass {fix}."
+    if low == 0.0 and lo < 0.0 and lo >= -1.0 - 1e-3 and hi <= 1.0 + 1e-3:
+        return "They look like [-1, 1] diffusion input: pass (x + 1) / 2."
+    return f"Fix the conversion upstream, or clamp with x.clamp({low:g}, {high:g})."
 
 
 def check_image(
@@ -34,50 +54,95 @@ def check_image(
     """Raise :class:`AttnPatchError` (a ``ValueError``) unless ``x`` is a sane image batch.
 
     Checks, in order: a tensor; 4-D ``(B, C, H, W)``; a floating dtype; channels-first (a
-    ``(B, H, W, C)`` batch with ``C`` in {1, 3, 4} is reported as channels-last with the fix);
-    ``C == channels`` (skip with ``channels=None``); no NaN/Inf; values inside ``value_range``
-    up to ``tolerance`` (a [0, 255] batch, or a [0, 1] batch where [-1, 1] is expected, is named
-    as such). Returns ``x`` unchanged so it can be used inline.
+    ``(B, H, W, C)`` batch with ``C`` in {1, 3, 4} is reported as channels-last with the fix,
+    also when ``channels=None``); ``C == channels`` (skip with ``channels=None``); no NaN/Inf;
+    values inside ``value_range`` up to ``tolerance`` (a [0, 255] batch, or a [-1, 1] batch
+    where [0, 1] is expected, is named as such). Every message says how to fix the input.
+
+    The value checks read the data once (one ``aminmax`` pass; NaN propagates into it) and
+    synchronise once with the device. They run on a detached view, so ``x``'s autograd graph is
+    untouched. Tensors on the ``meta`` device skip the value checks. Returns ``x`` unchanged, so
+    it can be used inline.
 
     >>> check_image(torch.rand(2, 3, 8, 8)).shape
     torch.Size([2, 3, 8, 8])
+    >>> check_image(torch.rand(2, 3, 8, 8) * 2 - 1, (-1, 1)).shape
+    torch.Size([2, 3, 8, 8])
     """
+    low, high = float(value_range[0]), float(value_range[1])
+    if not low < high:
+        raise AttnPatchError(
+            f"value_range must be (low, high) with low < high, got {tuple(value_range)}; "
+            "pass e.g. (0, 1) or (-1, 1)"
+        )
     if not isinstance(x, torch.Tensor):
-        raise AttnPatchError(f"{name} must be a torch.Tensor (B, C, H, W), got {type(x).__name__}")
+        raise AttnPatchError(
+            f"{name} must be a torch.Tensor (B, C, H, W), got {type(x).__name__}; convert with "
+            "torch.as_tensor(x) (and permute a channels-last array to channels-first)"
+        )
     if x.ndim != 4:
-        hint = " (add a batch dimension: x.unsqueeze(0))" if x.ndim == 3 else ""
-        raise AttnPatchError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}{hint}")
+        if x.ndim == 3:
+            hint = "add a batch dimension: x.unsqueeze(0)"
+        else:
+            hint = "reshape it to one batch of channels-first images"
+        raise AttnPatchError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}; {hint}")
     if not x.is_floating_point():
         raise AttnPatchError(
-            f"{name} must be a floating-point tensor, got {x.dtype}; convert with "
-            f"x.float() / 255 for uint8 images"
+            f"{name} must be a floating-point tensor, got {x.dtype}; convert uint8 pixels with "
+            f"x.float() / 255"
+        )
+    if (channels is None or x.shape[1] != channels) and _looks_channels_last(x.shape, channels):
+        raise AttnPatchError(
+            f"{name} look channels-last {tuple(x.shape)} (B, H, W, C); attnpatch expects "
+            f"channels-first (B, C, H, W): pass x.permute(0, 3, 1, 2)"
         )
     if channels is not None and x.shape[1] != channels:
-        if x.shape[-1] == channels or (x.shape[-1] in (1, 3, 4) and x.shape[1] > 4):
-            raise AttnPatchError(
-                f"{name} look channels-last {tuple(x.shape)} (B, H, W, C); attnpatch expects "
-                f"channels-first (B, C, H, W): pass x.permute(0, 3, 1, 2)"
-            )
+        c = x.shape[1]
+        if c == 1 and channels == 3:
+            fix = "repeat a grey channel with x.expand(-1, 3, -1, -1)"
+        elif c == 4 and channels == 3:
+            fix = "drop the alpha channel with x[:, :3]"
+        else:
+            fix = f"pass {channels}-channel images"
         raise AttnPatchError(
-            f"{name} must have {channels} channels (RGB) in dim 1, got shape {tuple(x.shape)}"
+            f"{name} must have {channels} channels (RGB) in dim 1, got {c} in shape "
+            f"{tuple(x.shape)}; {fix}"
         )
-    if x.device.type == "meta":
+    if x.device.type == "meta" or x.numel() == 0:
         return x
-    with torch.no_grad():
-        if not torch.isfinite(x).all():
-            raise AttnPatchError(f"{name} contain NaN or Inf values")
-        lo, hi = float(x.min()), float(x.max())
-    low, high = value_range
-    if lo < low - tolerance or hi > high + tolerance:
-        hint = ""
-        if hi > 2.0 and high <= 1.0:
-            hint = " They look like [0, 255] pixels: divide by 255."
-        elif low == 0.0 and lo < 0.0 and lo >= -1.0 - tolerance:
-            hint = " They look like [-1, 1] diffusion input: map back with (x + 1) / 2."
+    lo_t, hi_t = torch.aminmax(x.detach())
+    lo, hi = torch.stack([lo_t, hi_t]).tolist()  # one device sync
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise AttnPatchError(
-            f"{name} must lie in [{low:g}, {high:g}], got values in [{lo:.4g}, {hi:.4g}].{hint}"
+            f"{name} contain NaN or Inf values; find where they arise upstream (a division by "
+            "zero, a diverging loss or learning rate): replacing them would hide the bug"
+        )
+    if lo < low - tolerance or hi > high + tolerance:
+        raise AttnPatchError(
+            f"{name} must lie in [{low:g}, {high:g}], got values in [{lo:.4g}, {hi:.4g}]. "
+            f"{_range_hint(lo, hi, low, high)}"
         )
     return x
+
+
+def _size_pair(size: int | tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
+    if size is None:
+        return default
+    if isinstance(size, int) and not isinstance(size, bool):
+        pair: tuple = (size, size)
+    else:
+        try:
+            pair = tuple(size)
+        except TypeError:
+            pair = ()
+    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
+        raise AttnPatchError(
+            f"size must be an int or a (height, width) pair of ints, got {size!r}; "
+            "pass e.g. size=512 or size=(512, 768)"
+        )
+    if min(pair) < 1:
+        raise AttnPatchError(f"size must be positive, got {size!r}; pass e.g. size=512")
+    return pair  # type: ignore[return-value]
 
 
 def to_diffusion_input(
@@ -91,27 +156,34 @@ def to_diffusion_input(
     Args:
         images: ``(B, 3, H, W)`` RGB in [0, 1].
         size: output ``(height, width)`` or one int for both; ``None`` keeps ``(H, W)``.
-        multiple: the VAE's downsampling factor (``2 ** (len(vae.config.block_out_channels) - 1)``,
-            8 for SD). The output size is rounded up to a multiple of it.
+        multiple: the VAE's downsampling factor (``attnpatch.vae.vae_scale_factor(vae)``,
+            ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 for SD). The output size is
+            rounded *up* to a multiple of it.
 
     Returns:
-        ``(B, 3, h, w)`` in [-1, 1] with ``h`` and ``w`` multiples of ``multiple``; resizing is
-        bilinear (antialiased when shrinking), so gradients reach ``images``.
+        ``(B, 3, h, w)`` in [-1, 1] with ``h`` and ``w`` multiples of ``multiple``: ``2 * x - 1``
+        of the resized images. Resizing is bilinear (``align_corners=False``), antialiased when
+        either side shrinks; its weights are convex, so the range stays [-1, 1], and gradients
+        reach ``images``. No resize happens when the size already fits.
+
+    >>> to_diffusion_input(torch.rand(2, 3, 30, 30), multiple=8).shape
+    torch.Size([2, 3, 32, 32])
     """
     check_image(images, CLASSIFIER_RANGE)
-    if multiple < 1:
-        raise AttnPatchError(f"multiple must be >= 1, got {multiple}")
-    if size is None:
-        h, w = images.shape[-2:]
-    elif isinstance(size, int):
-        h = w = size
-    else:
-        h, w = size
-    h = -(-int(h) // multiple) * multiple
-    w = -(-int(w) // multiple) * multiple
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise AttnPatchError(
+            f"multiple must be a positive int (the VAE factor), got {multiple!r}; pass "
+            "multiple=attnpatch.vae.vae_scale_factor(vae)"
+        )
+    h, w = _size_pair(size, tuple(images.shape[-2:]))
+    h = -(-h // multiple) * multiple
+    w = -(-w // multiple) * multiple
     x = images
     if (h, w) != tuple(images.shape[-2:]):
         shrink = h < images.shape[-2] or w < images.shape[-1]
-        # Bilinear (and its antialiased form) weights are convex: the range stays [0, 1].
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+        # CPU has no antialiased kernel for half types: resize those in float32.
+        upcast = shrink and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+        y = x.float() if upcast else x
+        y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+        x = y.to(images.dtype) if upcast else y
     return x * 2.0 - 1.0

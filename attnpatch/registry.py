@@ -661,6 +661,7 @@ def _fit(
             optimizer.step()
             schedule.step()
     model.eval()
+    model.zero_grad(set_to_none=True)  # no stale gradients on a frozen model
     with torch.no_grad():
         train_acc = _accuracy(model, train.images, train.labels)
         held_acc = _accuracy(model, heldout.images, heldout.labels) if len(heldout) else math.nan

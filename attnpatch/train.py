@@ -349,6 +349,8 @@ class PatchTrainer:
 
 
 def _freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients (and none left over from earlier training)."""
+    model.zero_grad(set_to_none=True)
     return model.eval().requires_grad_(False)
 
 

@@ -324,6 +324,12 @@ def test_tiny_classifier_accuracy_and_rng_restored():
     assert all(not p.requires_grad for p in clf.parameters()) and not clf.training
 
 
+def test_freshly_trained_tiny_classifier_has_no_stale_gradients(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path))  # empty cache: trains now
+    clf = load_classifier("tiny", config=ShapesConfig(train_per_class=20, heldout_per_class=2))
+    assert all(p.grad is None for p in clf.parameters())
+
+
 def test_tiny_classifier_cache_hit_deterministic_atomic(monkeypatch, tmp_path):
     cfg = ShapesConfig(train_per_class=12, heldout_per_class=2, size=16)
     calls = []
