@@ -196,7 +196,9 @@ def _pick_cross(sites, wanted) -> Resolution:
 
 
 def _pick_self(sites, wanted) -> list[Resolution]:
-    available = sorted(_resolutions(sites, "self", {"down", "mid", "up"}), key=lambda r: r[0] * r[1])
+    available = sorted(
+        _resolutions(sites, "self", {"down", "mid", "up"}), key=lambda r: r[0] * r[1]
+    )
     if not wanted:
         return available[:2]
     chosen = [(r, r) if isinstance(r, int) else tuple(r) for r in wanted]

@@ -83,12 +83,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, apply_flags(args))
     if args.quiet:
         cfg.train.progress = False
-    print(f"attnpatch train: out_dir={cfg.train.out_dir} models={cfg.models.classifier}/"
-          f"{cfg.models.diffusion} iterations={cfg.train.iterations} K={cfg.train.accumulate}")
+    print(
+        f"attnpatch train: out_dir={cfg.train.out_dir} models={cfg.models.classifier}/"
+        f"{cfg.models.diffusion} iterations={cfg.train.iterations} K={cfg.train.accumulate}"
+    )
     result = run_training(cfg, resume=args.resume)
     print(f"done in {result.seconds:.1f} s; outputs in {result.out_dir}/")
-    for name in ("patch.png", "patch.safetensors", "metrics.jsonl", "loss_curves.png",
-                 "attention.png", "examples.png", "summary.json"):
+    for name in (
+        "patch.png",
+        "patch.safetensors",
+        "metrics.jsonl",
+        "loss_curves.png",
+        "attention.png",
+        "examples.png",
+        "summary.json",
+    ):
         print(f"  {result.out_dir / name}")
     print(result.evaluation)
     return 0
@@ -149,7 +158,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _add_apply(sub) -> None:
-    apply = sub.add_parser("apply", help="apply a saved patch to images (needs only the patch file)")
+    apply = sub.add_parser(
+        "apply", help="apply a saved patch to images (needs only the patch file)"
+    )
     apply.add_argument("patch", help="patch.safetensors written by attnpatch train")
     apply.add_argument("images", nargs="+", help="image files or folders")
     apply.add_argument("--out", default="patched", help="output folder (default: patched/)")

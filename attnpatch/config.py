@@ -70,7 +70,7 @@ class PatchConfig:
     shape: str = "square"  #: "square" or "circle"
     init: str = "random"  #: "gray", "random", or an image path
     #: [low, high]: placed side / image side, drawn per image; []: the patch's own pixel size
-    scale: list[float] = field(default_factory=lambda: [0.35, 0.45])
+    scale: list[float] = field(default_factory=lambda: [0.25, 0.35])
     position: str = "random"  #: "random" or "center"
     eot: bool = True  #: the EOT switch for training (evaluation always uses EOT)
     degrees: float = 20.0  #: rotation, +- degrees
@@ -159,7 +159,9 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Raise on values that would fail later (before any work is done)."""
         t, a, p, d = self.train, self.attention, self.patch, self.data
-        _require(t.accumulate >= 1, "train.accumulate (K) must be >= 1", "e.g. 1 for plain training")
+        _require(
+            t.accumulate >= 1, "train.accumulate (K) must be >= 1", "e.g. 1 for plain training"
+        )
         _require(t.iterations >= 1, "train.iterations must be >= 1", "")
         _require(t.lr > 0, "train.lr must be > 0", "")
         _require(t.optimizer in ("adam", "sgd"), "train.optimizer must be 'adam' or 'sgd'", "")
@@ -180,16 +182,16 @@ class TrainConfig:
             "",
         )
         _require(p.shape in ("square", "circle"), "patch.shape must be 'square' or 'circle'", "")
-        _require(p.position in ("random", "center"), "patch.position must be 'random' or 'center'", "")
+        _require(
+            p.position in ("random", "center"), "patch.position must be 'random' or 'center'", ""
+        )
         _require(
             not p.scale or (len(p.scale) == 2 and 0 < p.scale[0] <= p.scale[1] <= 1),
             f"patch.scale must be [low, high] with 0 < low <= high <= 1, or [] (native size), "
             f"got {p.scale}",
             "e.g. [0.3, 0.4]",
         )
-        _require(
-            self.attack.loss in ("ce", "cw"), "attack.loss must be 'ce' or 'cw'", ""
-        )
+        _require(self.attack.loss in ("ce", "cw"), "attack.loss must be 'ce' or 'cw'", "")
         _require(
             not self.attack.targeted or bool(self.attack.target),
             "attack.targeted is on but attack.target is empty",
@@ -283,7 +285,9 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
     return cfg.validate()
 
 
-def load_config(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load_config(
+    path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     """Read a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON file, then ``overrides``
     (``{"section.key": value}``); ``path=None`` starts from the defaults."""
     data: dict[str, Any] = {}

@@ -38,16 +38,46 @@ PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
 # The seed's causes, quoted, with the fix for each.
 CAUSES = {
     "grad_flow": ("loss doesn't change: check grad flow", "remove .detach()/no_grad on this path"),
-    "hijack": ("loss doesn't change: check hijack hook", "run ddim_denoise inside `with hijack(unet, store):`"),
-    "requires_grad": ("loss doesn't change: check requires_grad", "keep patch.pixels.requires_grad True (it is the parameter)"),
-    "zero_grad": ("patch doesn't update: check gradient zero", "call optimizer.zero_grad() only right after optimizer.step()"),
-    "backward": ("patch doesn't update: check loss backward", "call loss.backward() every iteration"),
-    "counter": ("patch doesn't update: check counter update", "counter += 1 each iteration; step and reset it when it reaches K"),
-    "range": ("check image range [-1, 1] in diffusion pipeline", "classifier side [0, 1]; to_diffusion_input() maps to [-1, 1]"),
-    "layout": ("check RGB and CHW in classifier and diffusion pipeline", "pass (B, 3, H, W) RGB: x.permute(0, 3, 1, 2) for channels-last"),
-    "remove_hijack": ("REMOVE hijack after attention map calculation", "use `with hijack(...)`, which restores the processors on exit"),
-    "frozen": ("frozen models must get no gradient", "model.eval().requires_grad_(False) for classifier, UNet, VAE, text encoder"),
-    "losses": ("print three kinds of loss separately", "add each term to LossTerms under its own name"),
+    "hijack": (
+        "loss doesn't change: check hijack hook",
+        "run ddim_denoise inside `with hijack(unet, store):`",
+    ),
+    "requires_grad": (
+        "loss doesn't change: check requires_grad",
+        "keep patch.pixels.requires_grad True (it is the parameter)",
+    ),
+    "zero_grad": (
+        "patch doesn't update: check gradient zero",
+        "call optimizer.zero_grad() only right after optimizer.step()",
+    ),
+    "backward": (
+        "patch doesn't update: check loss backward",
+        "call loss.backward() every iteration",
+    ),
+    "counter": (
+        "patch doesn't update: check counter update",
+        "counter += 1 each iteration; step and reset it when it reaches K",
+    ),
+    "range": (
+        "check image range [-1, 1] in diffusion pipeline",
+        "classifier side [0, 1]; to_diffusion_input() maps to [-1, 1]",
+    ),
+    "layout": (
+        "check RGB and CHW in classifier and diffusion pipeline",
+        "pass (B, 3, H, W) RGB: x.permute(0, 3, 1, 2) for channels-last",
+    ),
+    "remove_hijack": (
+        "REMOVE hijack after attention map calculation",
+        "use `with hijack(...)`, which restores the processors on exit",
+    ),
+    "frozen": (
+        "frozen models must get no gradient",
+        "model.eval().requires_grad_(False) for classifier, UNet, VAE, text encoder",
+    ),
+    "losses": (
+        "print three kinds of loss separately",
+        "add each term to LossTerms under its own name",
+    ),
 }
 
 
@@ -108,7 +138,9 @@ def _fmt_range(x: torch.Tensor) -> str:
     return f"{tuple(x.shape)} in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
 
 
-def _image_check(report: Report, name: str, x: torch.Tensor, value_range: tuple[float, float]) -> bool:
+def _image_check(
+    report: Report, name: str, x: torch.Tensor, value_range: tuple[float, float]
+) -> bool:
     try:
         check_image(x.detach(), value_range, name=name)
     except AttnPatchError as e:
@@ -175,12 +207,16 @@ def _static_checks(report: Report, trainer: PatchTrainer) -> None:
     if pixels.requires_grad:
         report.add("requires_grad: patch", PASS, f"patch {tuple(pixels.shape)} is trainable")
     else:
-        report.add("requires_grad: patch", FAIL, "patch.pixels.requires_grad is False", "requires_grad")
+        report.add(
+            "requires_grad: patch", FAIL, "patch.pixels.requires_grad is False", "requires_grad"
+        )
     in_opt = any(p is pixels for g in trainer.optimizer.param_groups for p in g["params"])
     report.add(
         "optimizer holds the patch",
         PASS if in_opt else FAIL,
-        "patch.pixels in optimizer.param_groups" if in_opt else "the optimizer does not update the patch",
+        "patch.pixels in optimizer.param_groups"
+        if in_opt
+        else "the optimizer does not update the patch",
         "backward",
     )
 
@@ -199,12 +235,16 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
 
     cfg = trainer.config
     _, images, labels = next(
-        iter(batches(trainer.data, cfg.data.batch_size, seed=cfg.train.seed, start=trainer.iteration))
+        iter(
+            batches(trainer.data, cfg.data.batch_size, seed=cfg.train.seed, start=trainer.iteration)
+        )
     )
     if not _image_check(report, "training images", images, CLASSIFIER_RANGE):
         raise _Stop
     before = {name: m.processor for name, m in attention_modules(trainer.parts.unet)}
-    indices = batch_indices(len(trainer.data), cfg.data.batch_size, trainer.iteration, seed=cfg.train.seed)
+    indices = batch_indices(
+        len(trainer.data), cfg.data.batch_size, trainer.iteration, seed=cfg.train.seed
+    )
     try:
         fwd = trainer.forward(images, labels, indices)
     except AttnPatchError as e:
@@ -235,12 +275,19 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
     report.add(
         "hijack removed after the maps",
         PASS if restored else FAIL,
-        f"{len(before)} processors are the originals" if restored else "controlled processors left installed",
+        f"{len(before)} processors are the originals"
+        if restored
+        else "controlled processors left installed",
         "remove_hijack",
     )
     _gradient_flow(report, trainer, fwd)
     names = [n for n, v in fwd.terms.as_dict().items() if v is not None and n != "total"]
-    report.add("loss terms logged separately", PASS if names else FAIL, ", ".join(names) or "none", "losses")
+    report.add(
+        "loss terms logged separately",
+        PASS if names else FAIL,
+        ", ".join(names) or "none",
+        "losses",
+    )
 
 
 def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
@@ -262,10 +309,12 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
         cross = res.cross_maps(trainer.attention.cross_resolution)
         stages["cross-attention maps"] = cross
         self_maps = res.self_maps()
-        for name, m in self_maps.items():
-            stages.setdefault("self-attention maps", m)
+        if self_maps:  # the first layer's maps stand for all
+            stages["self-attention maps"] = next(iter(self_maps.values()))
         if weights["cross_attention"]:
-            term_fns["cross_attention"] = lambda: trainer.cross_attention_term(cross, fwd.mask, fwd.labels)
+            term_fns["cross_attention"] = lambda: trainer.cross_attention_term(
+                cross, fwd.mask, fwd.labels
+            )
         if weights["self_attention"]:
             from .losses import self_attention_structure
 
@@ -301,9 +350,19 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
             continue
         missing = [t for t in sorted(want) if not reached[stage].get(t)]
         if not tensor.requires_grad:
-            report.add(f"gradient flow: {stage}", FAIL, "does not require grad (detached upstream)", "requires_grad" if stage == "patch" else "grad_flow")
+            report.add(
+                f"gradient flow: {stage}",
+                FAIL,
+                "does not require grad (detached upstream)",
+                "requires_grad" if stage == "patch" else "grad_flow",
+            )
         elif missing:
-            report.add(f"gradient flow: {stage}", FAIL, f"no gradient from {', '.join(missing)}", "grad_flow")
+            report.add(
+                f"gradient flow: {stage}",
+                FAIL,
+                f"no gradient from {', '.join(missing)}",
+                "grad_flow",
+            )
         else:
             norms = ", ".join(f"{t} {reached[stage][t]:.2e}" for t in sorted(want))
             report.add(f"gradient flow: {stage}", PASS, f"|grad| {norms}")
@@ -311,7 +370,9 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
         # the denoise process itself must be differentiable (the seed's last danger item)
         ok = res.denoised.requires_grad
         if ok:
-            (g,) = torch.autograd.grad(res.denoised.float().square().mean(), [res.zT], retain_graph=True, allow_unused=True)
+            (g,) = torch.autograd.grad(
+                res.denoised.float().square().mean(), [res.zT], retain_graph=True, allow_unused=True
+            )
             ok = _norm(g) > 0
         report.add(
             "gradient flow: denoised latent",
@@ -322,11 +383,20 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
     total = fwd.terms.total()
     if total.requires_grad:
         total.backward()
-    leaked = [n for n, m in _models(trainer).items() if any(p.grad is not None or p.requires_grad for p in m.parameters())]
+    leaked = [
+        n
+        for n, m in _models(trainer).items()
+        if any(p.grad is not None or p.requires_grad for p in m.parameters())
+    ]
     training = [n for n, m in _models(trainer).items() if m.training]
     if leaked or training:
         value = "; ".join(
-            x for x in (f"weights with grad: {leaked}" if leaked else "", f"in train mode: {training}" if training else "") if x
+            x
+            for x in (
+                f"weights with grad: {leaked}" if leaked else "",
+                f"in train mode: {training}" if training else "",
+            )
+            if x
         )
         report.add("frozen models", FAIL, value, "frozen")
     else:
@@ -340,7 +410,11 @@ class _Stop(Exception):
 
 def _loop_checks(report: Report, trainer: PatchTrainer, n: int, K: int) -> None:
     obs = _Observer(trainer)
-    hooks = [("forward", obs.on_forward), ("backward", obs.on_backward), ("iteration", obs.on_iteration)]
+    hooks = [
+        ("forward", obs.on_forward),
+        ("backward", obs.on_backward),
+        ("iteration", obs.on_iteration),
+    ]
     for event, fn in hooks:
         trainer.hooks[event].append(fn)
     cfg = trainer.config.train
@@ -368,22 +442,31 @@ def _loop_checks(report: Report, trainer: PatchTrainer, n: int, K: int) -> None:
         "counter",
     )
     # backward every iteration: the gradient grows (or appears) at each backward
-    grew = [a > 0 and (not math.isclose(a, b)) for a, b in zip(obs.grad_after_backward, obs.grad_before_backward)]
+    grew = [
+        a > 0 and (not math.isclose(a, b))
+        for a, b in zip(obs.grad_after_backward, obs.grad_before_backward)
+    ]
     report.add(
         "loss.backward() every iteration",
         PASS if all(grew) else FAIL,
-        f"|grad| before/after backward: "
-        + ", ".join(f"{b:.2g}/{a:.2g}" for b, a in zip(obs.grad_before_backward, obs.grad_after_backward)),
+        "|grad| before/after backward: "
+        + ", ".join(
+            f"{b:.2g}/{a:.2g}" for b, a in zip(obs.grad_before_backward, obs.grad_after_backward)
+        ),
         "backward",
     )
     # zero_grad only right after a step: the gradient survives between steps
     zeroed = [
-        i for i, c in enumerate(obs.counters) if i > 0 and obs.counters[i - 1] != 0 and obs.grad_before_backward[i] == 0
+        i
+        for i, c in enumerate(obs.counters)
+        if i > 0 and obs.counters[i - 1] != 0 and obs.grad_before_backward[i] == 0
     ]
     report.add(
         "gradient accumulates until the step",
         FAIL if zeroed else PASS,
-        f"gradient zeroed before iteration(s) {zeroed}" if zeroed else "kept between steps, cleared after each",
+        f"gradient zeroed before iteration(s) {zeroed}"
+        if zeroed
+        else "kept between steps, cleared after each",
         "zero_grad",
     )
     right = [changed == stepped for changed, stepped in zip(obs.patch_changed, obs.stepped)]
@@ -403,7 +486,8 @@ def _loop_checks(report: Report, trainer: PatchTrainer, n: int, K: int) -> None:
         report.add(
             f"loss {name}",
             PASS if varies else FAIL,
-            " -> ".join(f"{v:.4g}" for v in (values[0], values[-1])) + ("" if varies else " (constant)"),
+            " -> ".join(f"{v:.4g}" for v in (values[0], values[-1]))
+            + ("" if varies else " (constant)"),
             "grad_flow",
         )
 

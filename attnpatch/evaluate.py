@@ -83,7 +83,10 @@ def evaluate_patch(
     if control is None:
         control = patch.random_like(generator=g)
     clean_pred = torch.cat(
-        [classifier(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+        [
+            classifier(images[i : i + batch_size].to(device)).argmax(1).cpu()
+            for i in range(0, len(images), batch_size)
+        ]
     )
     correct = clean_pred == labels
     eligible = correct if target is None else labels != target

@@ -53,7 +53,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AttnPatchError(f"models.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'")
+        raise AttnPatchError(
+            f"models.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'"
+        )
     return device
 
 
@@ -75,8 +77,16 @@ def load_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
     """
     d = cfg.data
     shapes = _shapes_config(cfg, cfg.train.seed + 1)
-    train = shapes_dataset(shapes, "train") if d.train == "synthetic" else ImageFolder(d.train, d.image_size)
-    held = shapes_dataset(shapes, "heldout") if d.eval == "synthetic" else ImageFolder(d.eval, d.image_size)
+    train = (
+        shapes_dataset(shapes, "train")
+        if d.train == "synthetic"
+        else ImageFolder(d.train, d.image_size)
+    )
+    held = (
+        shapes_dataset(shapes, "heldout")
+        if d.eval == "synthetic"
+        else ImageFolder(d.eval, d.image_size)
+    )
     if list(train.classes) != list(held.classes):
         raise AttnPatchError(
             f"training classes {list(train.classes)} differ from held-out classes "
@@ -111,12 +121,16 @@ def build_patch(cfg: TrainConfig, device: torch.device) -> AdversarialPatch:
     ).to(device)
 
 
-def build_trainer(cfg: TrainConfig, out_dir: str | os.PathLike | None = None) -> tuple[PatchTrainer, Any]:
+def build_trainer(
+    cfg: TrainConfig, out_dir: str | os.PathLike | None = None
+) -> tuple[PatchTrainer, Any]:
     """Models, data and patch from the config; returns ``(trainer, held-out data)``."""
     device = resolve_device(cfg.models.device)
     train, held = load_datasets(cfg)
     if cfg.models.classifier == "tiny":
-        classifier = load_classifier("tiny", config=ShapesConfig(size=cfg.data.image_size), device=device)
+        classifier = load_classifier(
+            "tiny", config=ShapesConfig(size=cfg.data.image_size), device=device
+        )
     else:
         classifier = load_classifier(cfg.models.classifier, device=device)
     parts = load_diffusion(cfg.models.diffusion, device=device)
@@ -169,16 +183,24 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, log: Any = print) ->
     )
     write_figures(trainer, images, labels, out)
     seconds = time.perf_counter() - start
-    summary = {**result.to_dict(), "iterations": trainer.iteration, "optimizer_steps": trainer.steps}
+    summary = {
+        **result.to_dict(),
+        "iterations": trainer.iteration,
+        "optimizer_steps": trainer.steps,
+    }
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(out, result, seconds, trainer)
 
 
-def write_figures(trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor, out: Path) -> None:
+def write_figures(
+    trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor, out: Path
+) -> None:
     """loss_curves.png, examples.png and attention.png."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    records = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+    ]
     viz.save(viz.loss_curves(records, [*TERMS, "total"]), out / "loss_curves.png")
     n = min(trainer.config.eval.examples, len(images))
     g = torch.Generator().manual_seed(trainer.config.train.seed)
@@ -190,7 +212,9 @@ def write_figures(trainer: PatchTrainer, images: torch.Tensor, labels: torch.Ten
     attention_heatmaps(trainer, patched[:1], labels[:1], out / "attention.png")
 
 
-def attention_heatmaps(trainer: PatchTrainer, patched: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+def attention_heatmaps(
+    trainer: PatchTrainer, patched: torch.Tensor, labels: torch.Tensor, path: Path
+) -> None:
     """The label tokens' cross-attention over one patched image, per denoising step."""
     from .attention_pipeline import AttentionPipeline
 

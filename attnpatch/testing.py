@@ -56,13 +56,64 @@ VARIANTS = ("sd15", "sd2", "sdxl")
 
 #: Words that the tiny tokenizer knows as single tokens. Other words are split into byte
 #: tokens, as real CLIP splits rare words, so multi-token words occur naturally.
-VOCAB_WORDS = (
-    "a an the of in on at with and photo picture image painting drawing close up view "
-    "red green blue yellow orange purple white black gray pink brown "
-    "circle square triangle star cross ring diamond stripe dot shape "
-    "cat dog bird car plane ship truck horse frog deer tench goldfish shark "
-    "background texture noise patch sticker"
-).split()
+VOCAB_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "photo",
+    "picture",
+    "image",
+    "painting",
+    "drawing",
+    "close",
+    "up",
+    "view",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "orange",
+    "purple",
+    "white",
+    "black",
+    "gray",
+    "pink",
+    "brown",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "diamond",
+    "stripe",
+    "dot",
+    "shape",
+    "cat",
+    "dog",
+    "bird",
+    "car",
+    "plane",
+    "ship",
+    "truck",
+    "horse",
+    "frog",
+    "deer",
+    "tench",
+    "goldfish",
+    "shark",
+    "background",
+    "texture",
+    "noise",
+    "patch",
+    "sticker",
+]
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -82,7 +133,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Byte-pair encoding of one word's symbols with the given merge ranks."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, len(ranks) + 1), i, p) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [
+            (ranks.get(p, len(ranks) + 1), i, p) for i, p in enumerate(zip(symbols, symbols[1:]))
+        ]
         rank, i, pair = min(pairs)
         if pair not in ranks:
             break
@@ -294,7 +347,9 @@ REFERENCE_UNET_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def reference_unet(name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None):
+def reference_unet(
+    name: str, device: str | torch.device = "meta", dtype: torch.dtype | None = None
+):
     """A real model's UNet architecture (``"sd15"``, ``"sd21"``, ``"sdxl"``) with random or no weights.
 
     On the ``"meta"`` device (default) nothing is allocated: forward passes compute shapes only,
@@ -411,7 +466,9 @@ class TinySD:
         from diffusers import StableDiffusionPipeline
 
         if self.variant == "sdxl":
-            raise NotImplementedError("the tiny SDXL stack has no diffusers pipeline; use its parts")
+            raise NotImplementedError(
+                "the tiny SDXL stack has no diffusers pipeline; use its parts"
+            )
         return StableDiffusionPipeline(
             vae=self.vae,
             text_encoder=self.text_encoder,

@@ -105,7 +105,10 @@ def summarize_sites(sites: list[AttnSite]) -> str:
     for s in sites:
         key = (s.place, s.kind, s.resolution, s.heads, s.key_len)
         groups[key] = groups.get(key, 0) + 1
-    lines = ["| place | kind | (h, w) | layers | heads | stored map (B, h, w, key) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| place | kind | (h, w) | layers | heads | stored map (B, h, w, key) |",
+        "|---|---|---|---|---|---|",
+    ]
     for (place, kind, res, heads, key), n in groups.items():
         hw = f"{res[0]}x{res[1]}" if res else "?"
         shape = f"(B, {res[0]}, {res[1]}, {key})" if res else "?"

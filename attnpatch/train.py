@@ -54,7 +54,12 @@ __all__ = ["PatchTrainer", "Forward", "TERMS"]
 TERMS = ("classifier", "cross_attention", "self_attention", "l2", "tv")
 
 #: Config fields that may differ between a checkpoint and the run resuming it.
-_RESUMABLE_CHANGES = {"train.iterations", "train.progress", "train.checkpoint_every", "train.out_dir"}
+_RESUMABLE_CHANGES = {
+    "train.iterations",
+    "train.progress",
+    "train.checkpoint_every",
+    "train.out_dir",
+}
 
 
 @dataclass
@@ -129,7 +134,9 @@ class PatchTrainer:
                 checkpoint=a.checkpoint,
             )
         self.prompts = [config.data.prompt_template.format(label=c) for c in self.classes]
-        self.tokens = [token_indices(parts.tokenizer, p, c) for p, c in zip(self.prompts, self.classes)]
+        self.tokens = [
+            token_indices(parts.tokenizer, p, c) for p, c in zip(self.prompts, self.classes)
+        ]
         self.target = None
         if config.attack.targeted:
             if config.attack.target not in self.classes:
@@ -156,7 +163,9 @@ class PatchTrainer:
         self._check_classifier()
 
     # -- one forward pass ---------------------------------------------------------------------
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] = ()) -> Forward:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] = ()
+    ) -> Forward:
         """Patch, classify, run the attention pipeline, build every loss term."""
         terms = LossTerms(self.weights)
         check_image(images, CLASSIFIER_RANGE, name="training images")
@@ -220,9 +229,15 @@ class PatchTrainer:
         bar = _progress(self, progress if progress is not None else cfg.progress)
         try:
             for it, images, labels in batches(
-                self.data, self.config.data.batch_size, seed=cfg.seed, start=self.iteration, stop=cfg.iterations
+                self.data,
+                self.config.data.batch_size,
+                seed=cfg.seed,
+                start=self.iteration,
+                stop=cfg.iterations,
             ):
-                indices = batch_indices(len(self.data), self.config.data.batch_size, it, seed=cfg.seed)
+                indices = batch_indices(
+                    len(self.data), self.config.data.batch_size, it, seed=cfg.seed
+                )
                 fwd = self.forward(images, labels, indices)
                 self._emit("forward", fwd)
                 fwd.terms.total().backward()  # every iteration
@@ -307,7 +322,9 @@ class PatchTrainer:
         folder = _checkpoint_folder(self.out_dir, path)
         saved = json.loads((folder / "config.json").read_text())
         _check_same_config(saved, config_to_dict(self.config), folder)
-        loaded = AdversarialPatch.load(folder / "patch.safetensors", device=self.patch.pixels.device)
+        loaded = AdversarialPatch.load(
+            folder / "patch.safetensors", device=self.patch.pixels.device
+        )
         if loaded.size != self.patch.size:
             raise AttnPatchError(f"checkpoint patch size {loaded.size} != {self.patch.size}")
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
@@ -316,7 +333,11 @@ class PatchTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         grad = state["grad"]
         self.patch.pixels.grad = None if grad is None else grad.to(self.patch.pixels.device)
-        self.iteration, self.counter, self.steps = state["iteration"], state["counter"], state["steps"]
+        self.iteration, self.counter, self.steps = (
+            state["iteration"],
+            state["counter"],
+            state["steps"],
+        )
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -373,7 +394,9 @@ def _progress(trainer: PatchTrainer, enabled: bool):
     from tqdm.auto import tqdm
 
     cfg = trainer.config.train
-    return tqdm(total=cfg.iterations, initial=trainer.iteration, desc="patch", unit="it", leave=True)
+    return tqdm(
+        total=cfg.iterations, initial=trainer.iteration, desc="patch", unit="it", leave=True
+    )
 
 
 def _short(record: dict[str, Any]) -> str:
@@ -414,7 +437,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _check_same_config(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
     a, b = _flatten(saved), _flatten(current)
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES)
+    diff = sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in _RESUMABLE_CHANGES
+    )
     if diff:
         details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
         raise AttnPatchError(

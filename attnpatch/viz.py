@@ -50,7 +50,9 @@ def heatmap(image: torch.Tensor, amap: torch.Tensor, alpha: float = 0.55) -> tor
     """Overlay a map ``(h, w)`` (any scale, min-max normalised) on ``image`` ``(3, H, W)``."""
     m = amap.detach().float().cpu()
     m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
-    m = F.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+    m = F.interpolate(m[None, None], size=image.shape[-2:], mode="bilinear", align_corners=False)[
+        0, 0
+    ]
     return (1 - alpha) * image.detach().float().cpu() + alpha * _colormap(m)
 
 
@@ -72,7 +74,8 @@ def attention_figure(
 def loss_curves(
     records: Sequence[dict], names: Sequence[str], size: tuple[int, int] = (520, 150)
 ) -> Image.Image:
-    """One panel per loss term (each on its own y range): value against iteration."""
+    """One panel per loss term (each on its own y range): value against iteration, raw (light)
+    and a moving average over 5% of the run (dark)."""
     names = [n for n in names if any(r.get(n) is not None for r in records)]
     W, H = size
     fig = Image.new("RGB", (W, max(1, len(names)) * H), "white")
@@ -85,16 +88,32 @@ def loss_curves(
         span = hi - lo or 1.0
         x0, x1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
         xy = [
-            (left + (x - x0) / (x1 - x0) * (right - left), bottom - (v - lo) / span * (bottom - top))
+            (
+                left + (x - x0) / (x1 - x0) * (right - left),
+                bottom - (v - lo) / span * (bottom - top),
+            )
             for x, v in pts
         ]
         if len(xy) > 1:
-            draw.line(xy, fill=(200, 40, 40), width=2)
+            draw.line(xy, fill=(235, 175, 175), width=1)  # raw values
+            smooth = _moving_average([v for _, v in pts], max(1, len(pts) // 20))
+            xy_s = [(x, bottom - (v - lo) / span * (bottom - top)) for (x, _), v in zip(xy, smooth)]
+            draw.line(xy_s, fill=(190, 20, 20), width=2)  # moving average
         draw.text((left, p * H + 3), f"{name}  (last {pts[-1][1]:.4g})", fill="black")
         draw.text((2, top), f"{hi:.3g}", fill="black")
         draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
         draw.text((right - 60, bottom + 3), f"iter {pts[-1][0]}", fill="black")
     return fig
+
+
+def _moving_average(values: Sequence[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def save(image: Image.Image, path: str | os.PathLike) -> None:

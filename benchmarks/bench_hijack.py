@@ -147,7 +147,9 @@ def main() -> None:
         unet = mid_unet().to(device, dtype)
         name = "mid_unet (SD1.5 block structure, widths 32-128)"
     unet.set_attn_processor(AttnProcessor2_0())
-    print(f"# {name}, {device}, {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"# {name}, {device}, {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     print("| latent | self stored at | case | median s | ratio | target |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:

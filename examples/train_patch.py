@@ -56,7 +56,9 @@ for it, images, labels in batches(data, 1, seed=0, stop=ITERATIONS):
 
     terms = LossTerms(weights)
     terms.add("classifier", lambda: classifier_loss(logits, labels))  # untargeted: -CE
-    terms.add("cross_attention", lambda: cross_attention_variance(cross, [tokens[y] for y in labels]))
+    terms.add(
+        "cross_attention", lambda: cross_attention_variance(cross, [tokens[y] for y in labels])
+    )
     terms.add("self_attention", lambda: self_attention_structure(selfs, clean_selfs))
     terms.add("l2", lambda: l2_norm(patched, images))
     terms.total().backward()  # every iteration

@@ -11,7 +11,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The tiny classifier is trained once and cached; tests share one cache outside $HOME.
-os.environ.setdefault("ATTNPATCH_CACHE", os.path.join(tempfile.gettempdir(), "attnpatch-test-cache"))
+os.environ.setdefault(
+    "ATTNPATCH_CACHE", os.path.join(tempfile.gettempdir(), "attnpatch-test-cache")
+)
 # pytest -n 2 runs two workers on two cores: one thread each avoids oversubscription.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)

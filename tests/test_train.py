@@ -48,15 +48,22 @@ def make_trainer(cfg, parts, data, out_dir=None, classifier=None):
 
 def test_gradient_accumulation_follows_the_seed(parts, data):
     K = 2
-    trainer = make_trainer(make_config(train={"iterations": 2 * K + 1, "accumulate": K}), parts, data)
+    trainer = make_trainer(
+        make_config(train={"iterations": 2 * K + 1, "accumulate": K}), parts, data
+    )
     events = []
     opt = trainer.optimizer
     real_step, real_zero = opt.step, opt.zero_grad
     opt.step = lambda *a, **k: (events.append(("step", trainer.iteration)), real_step(*a, **k))[1]
-    opt.zero_grad = lambda *a, **k: (events.append(("zero", trainer.iteration)), real_zero(*a, **k))[1]
+    opt.zero_grad = lambda *a, **k: (
+        events.append(("zero", trainer.iteration)),
+        real_zero(*a, **k),
+    )[1]
     snapshots = []
     trainer.callbacks.append(
-        lambda t, fwd, stepped: snapshots.append((stepped, t.patch.pixels.detach().clone(), t.counter))
+        lambda t, fwd, stepped: snapshots.append(
+            (stepped, t.patch.pixels.detach().clone(), t.counter)
+        )
     )
     before = trainer.patch.pixels.detach().clone()
     trainer.train()
@@ -180,7 +187,9 @@ def test_bad_input_is_reported_before_work(parts, data):
         trainer.forward(images.permute(0, 2, 3, 1).contiguous(), labels)
     with pytest.raises(ap.AttnPatchError, match="255"):
         trainer.forward(images * 255, labels)
-    empty = TensorImageDataset(torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), data.classes)
+    empty = TensorImageDataset(
+        torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), data.classes
+    )
     with pytest.raises(ap.AttnPatchError, match="empty"):
         make_trainer(make_config(), parts, empty)
     with pytest.raises(ap.AttnPatchError, match=r"logits \(B, classes\)"):
@@ -199,4 +208,3 @@ def test_bad_input_is_reported_before_work(parts, data):
     big = make_config(patch={"size": 40, "scale": []})  # native 40 px on 32 px images
     with pytest.raises(ap.AttnPatchError, match="larger than the image"):
         make_trainer(big, parts, data)
-

@@ -8,8 +8,12 @@ import torch
 import attnpatch as ap
 from attnpatch.sites import AttnSite
 
-CROSS = AttnSite("up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up", 1, True, 2, 4, 6, (2, 2))
-SELF = AttnSite("up_blocks.1.attentions.0.transformer_blocks.0.attn1", "up", 1, False, 2, 4, 4, (2, 2))
+CROSS = AttnSite(
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2", "up", 1, True, 2, 4, 6, (2, 2)
+)
+SELF = AttnSite(
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1", "up", 1, False, 2, 4, 4, (2, 2)
+)
 
 
 def probs(site):

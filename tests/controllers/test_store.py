@@ -82,7 +82,9 @@ def test_per_step_maps_and_step_filter(deep_unet):
     store = run(deep_unet, ap.AttentionStore(per_step=True, steps=range(1, 3)), steps=(30, 20, 10))
     per_step = store.step_maps("cross", 8)
     assert list(per_step) == [1, 2]
-    torch.testing.assert_close(torch.stack(list(per_step.values())).mean(0), store.aggregate("cross", 8))
+    torch.testing.assert_close(
+        torch.stack(list(per_step.values())).mean(0), store.aggregate("cross", 8)
+    )
     with pytest.raises(ap.AttnPatchError, match="per_step=True"):
         run(deep_unet, ap.AttentionStore()).step_maps("cross", 8)
 
