@@ -87,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"attnpatch train: out_dir={cfg.train.out_dir} models={cfg.models.classifier}/"
         f"{cfg.models.diffusion} iterations={cfg.train.iterations} K={cfg.train.accumulate}"
     )
-    result = run_training(cfg, resume=args.resume)
+    result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"done in {result.seconds:.1f} s; outputs in {result.out_dir}/")
     for name in (
         "patch.png",
@@ -113,6 +113,9 @@ def _add_train(sub) -> None:
     )
     train.add_argument("--config", default=None, help="YAML or TOML config file")
     train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace a run already in train.out_dir"
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(train)
     train.set_defaults(func=_cmd_train)

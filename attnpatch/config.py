@@ -45,6 +45,8 @@ class ModelsConfig:
     """Which models (names resolved by ``attnpatch.registry``)."""
 
     classifier: str = "tiny"  #: "tiny", "torchvision:resnet50", "timm:...", a registered name
+    #: a local weights file (or a torchvision weights name such as "IMAGENET1K_V2"); "" = none
+    classifier_weights: str = ""
     diffusion: str = "tiny"  #: "tiny", "tiny-sd2", "tiny-sdxl", a local diffusers folder
     device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1"
 

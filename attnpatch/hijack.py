@@ -52,7 +52,15 @@ def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
             f"hijack needs an attnpatch.AttentionControl (e.g. AttentionStore()), got "
             f"{type(controller).__name__}"
         )
-    modules = list(attention_modules(unet))
+    modules: list[tuple[str, nn.Module]] = []
+    checkpointed: list[nn.Module] = []
+    for name, module in unet.named_modules():  # one traversal for both lists
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            modules.append((name, module))
+        if getattr(module, "gradient_checkpointing", False) and hasattr(
+            module, "_gradient_checkpointing_func"
+        ):
+            checkpointed.append(module)
     if not modules:
         raise AttnPatchError(
             f"{type(unet).__name__} has no attention modules with set_processor(); pass the UNet "
@@ -77,12 +85,9 @@ def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
             installed.append((module, original))
         handles.append(unet.register_forward_pre_hook(_record_latent(state), with_kwargs=True))
         handles.append(unet.register_forward_hook(_end_step(controller), always_call=False))
-        for module in unet.modules():
-            if getattr(module, "gradient_checkpointing", False) and hasattr(
-                module, "_gradient_checkpointing_func"
-            ):
-                swapped.append((module, module._gradient_checkpointing_func))
-                module._gradient_checkpointing_func = _replaying_checkpoint
+        for module in checkpointed:
+            swapped.append((module, module._gradient_checkpointing_func))
+            module._gradient_checkpointing_func = _replaying_checkpoint
         yield controller
     finally:
         errors: list[BaseException] = []

@@ -91,6 +91,24 @@ def attention_probs(
     return scores.softmax(dim=-1).to(dtype)
 
 
+_ACCEPTED: dict[type, frozenset[str]] = {}
+
+
+def _accepted_kwargs(processor: Any) -> frozenset[str]:
+    """Which of the standard keyword arguments ``processor.__call__`` names (``"*"``: any)."""
+    cls = type(processor)
+    cached = _ACCEPTED.get(cls)
+    if cached is None or "__call__" in getattr(processor, "__dict__", {}):
+        params = inspect.signature(processor.__call__).parameters
+        names = {k for k in ("encoder_hidden_states", "attention_mask", "temb") if k in params}
+        if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            names.add("*")
+        cached = frozenset(names)
+        if "__call__" not in getattr(processor, "__dict__", {}):
+            _ACCEPTED[cls] = cached
+    return cached
+
+
 class ControlledAttnProcessor(AttnProcessor2_0):
     """An ``AttnProcessor2_0`` whose attention probabilities a controller can read and edit.
 
@@ -122,10 +140,7 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         self.state = state if state is not None else HijackState(controller)
         self.place, self.block = parse_place(name)
         self._sites: dict[tuple[Any, ...], AttnSite] = {}
-        params = inspect.signature(self.original.__call__).parameters
-        self._original_takes = {
-            k for k in ("encoder_hidden_states", "attention_mask", "temb") if k in params
-        } | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
+        self._original_takes = _accepted_kwargs(self.original)
         outer = self.original if isinstance(self.original, ControlledAttnProcessor) else None
         self.attnpatch_replay_owners = (self.state,) + (
             outer.attnpatch_replay_owners if outer is not None else ()

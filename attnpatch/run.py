@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,15 +149,23 @@ def _held_tensors(held: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-def run_training(cfg: TrainConfig, *, resume: bool = False, log: Any = print) -> RunResult:
-    """Train, evaluate and write the run folder (see the module docstring)."""
+def run_training(
+    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = print
+) -> RunResult:
+    """Train, evaluate and write the run folder (see the module docstring).
+
+    An existing run in ``train.out_dir`` is continued with ``resume=True``, replaced with
+    ``overwrite=True``, and otherwise left alone (an error says so before any work).
+    """
     start = time.perf_counter()
     out = Path(cfg.train.out_dir)
-    if not resume and (out / "checkpoints" / "latest").exists():
-        raise AttnPatchError(
-            f"{out} already holds a run; pass --resume to continue it, or choose another "
-            "train.out_dir"
-        )
+    if (out / "checkpoints" / "latest").exists() and not resume:
+        if not overwrite:
+            raise AttnPatchError(
+                f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                "again, or choose another train.out_dir"
+            )
+        shutil.rmtree(out / "checkpoints")
     out.mkdir(parents=True, exist_ok=True)
     trainer, held = build_trainer(cfg, out)
     if resume:
@@ -176,7 +185,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, log: Any = print) ->
         trainer.classifier,
         patch,
         images,
-        labels,
+        trainer.label_map[labels],  # classifier output indices
         target=target,
         eot_samples=cfg.eval.eot_samples,
         seed=cfg.train.seed,

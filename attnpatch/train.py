@@ -137,6 +137,9 @@ class PatchTrainer:
         self.tokens = [
             token_indices(parts.tokenizer, p, c) for p, c in zip(self.prompts, self.classes)
         ]
+        #: data-set label -> classifier output index (identity unless the classifier names
+        #: more classes than the data has, e.g. an ImageNet model on a subset)
+        self.label_map = self._classifier_indices()
         self.target = None
         if config.attack.targeted:
             if config.attack.target not in self.classes:
@@ -144,7 +147,7 @@ class PatchTrainer:
                     f"attack.target {config.attack.target!r} is not a class of the data "
                     f"({self.classes})"
                 )
-            self.target = self.classes.index(config.attack.target)
+            self.target = int(self.label_map[self.classes.index(config.attack.target)])
         self._check_inputs()
         self.optimizer = _optimizer(config, patch)
         self.iteration = 0  # iterations done
@@ -160,7 +163,6 @@ class PatchTrainer:
             "iteration": [],
         }
         self.callbacks = self.hooks["iteration"]
-        self._check_classifier()
 
     # -- one forward pass ---------------------------------------------------------------------
     def forward(
@@ -172,7 +174,8 @@ class PatchTrainer:
         patched, mask = self.patch(images, eot=self.config.patch.eot)
         check_image(patched, CLASSIFIER_RANGE, name="classifier input")
         logits = self.classifier(patched)
-        targets = labels if self.target is None else torch.full_like(labels, self.target)
+        clf_labels = self.label_map.to(labels.device)[labels]
+        targets = clf_labels if self.target is None else torch.full_like(labels, self.target)
         terms.add("classifier", lambda: self.classifier_term(logits, targets))
         result = None
         if terms.wants("cross_attention", "self_attention"):
@@ -269,7 +272,9 @@ class PatchTrainer:
         record.update(fwd.terms.as_dict())
         with torch.no_grad():
             pred = fwd.logits.argmax(dim=1)
-            hit = pred == fwd.targets if self.target is not None else pred != fwd.labels
+            hit = pred == fwd.targets  # the target class, or any class but the true one
+            if self.target is None:
+                hit = ~hit
             record["success"] = float(hit.float().mean())
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +356,8 @@ class PatchTrainer:
         check_image(image[None], CLASSIFIER_RANGE, name="training images")
         self.patch.sample_params(1, tuple(image.shape[-2:]), eot=False, generator=torch.Generator())
 
-    def _check_classifier(self) -> None:
+    def _classifier_indices(self) -> torch.Tensor:
+        """Check the classifier's output on a probe; map data labels to its output indices."""
         size = self.config.data.image_size
         probe = torch.full((2, 3, size, size), 0.5, device=self.patch.pixels.device)
         with torch.no_grad():
@@ -362,11 +368,19 @@ class PatchTrainer:
                 f"the classifier must map (B, 3, H, W) to logits (B, classes), got {got}; wrap it "
                 "so it returns logits"
             )
-        if out.shape[1] != len(self.classes):
+        n = out.shape[1]
+        if n == len(self.classes):
+            return torch.arange(n)
+        names = getattr(self.classifier, "classes", None)
+        missing = [c for c in self.classes if names is None or c not in names]
+        if missing:
             raise AttnPatchError(
-                f"the classifier has {out.shape[1]} outputs but the data has {len(self.classes)} "
-                f"classes {self.classes}; use a classifier trained on these classes"
+                f"the classifier has {n} outputs but the data has {len(self.classes)} classes "
+                f"{self.classes}, and it names no output for {missing[:5]}; use a classifier "
+                "trained on these classes, or one whose .classes names them (e.g. torchvision "
+                "weights' categories), with data folders named like them"
             )
+        return torch.tensor([names.index(c) for c in self.classes])
 
 
 def _freeze(model: nn.Module) -> nn.Module:

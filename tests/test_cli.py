@@ -61,6 +61,7 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     # a second run into the same folder must not silently overwrite it
     assert main(["train", "--train.out_dir", str(out), *FAST]) == 2
     assert "--resume" in capsys.readouterr().err
+    before = (out / "metrics.jsonl").read_text()
     # resume with more iterations continues from the checkpoint
     assert (
         main(["train", "--train.out_dir", str(out), *FAST, "--train.iterations", "8", "--resume"])
@@ -68,6 +69,10 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     )
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == list(range(8))
+    assert (out / "metrics.jsonl").read_text().startswith(before)  # the first 6 lines kept
+    assert main(["train", "--train.out_dir", str(out), *FAST, "--overwrite"]) == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == list(range(6))
 
 
 def test_apply_reproduces_the_patched_image(tmp_path):

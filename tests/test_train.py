@@ -208,3 +208,40 @@ def test_bad_input_is_reported_before_work(parts, data):
     big = make_config(patch={"size": 40, "scale": []})  # native 40 px on 32 px images
     with pytest.raises(ap.AttnPatchError, match="larger than the image"):
         make_trainer(big, parts, data)
+
+
+def test_labels_map_to_a_larger_classifier_by_name(parts, data):
+    """An ImageNet-style classifier on a subset: data labels go to its outputs by class name."""
+    names = ["dog", "triangle", "cat", "circle", "star", "square", "cross"]
+
+    class Named(torch.nn.Module):
+        classes = names
+
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_classifier(len(names))
+
+        def forward(self, x):
+            return self.net(x)
+
+    trainer = make_trainer(make_config(), parts, data, classifier=Named())
+    expected = [names.index(c) for c in data.classes]
+    assert trainer.label_map.tolist() == expected
+    images, labels = data.get_batch([0, 1, 2])
+    fwd = trainer.forward(images, labels)
+    assert fwd.targets.tolist() == [expected[int(y)] for y in labels]
+    targeted = make_trainer(
+        make_config(attack={"targeted": True, "target": "star"}), parts, data, classifier=Named()
+    )
+    assert targeted.target == names.index("star")
+
+    class Unnamed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_classifier(len(names))
+
+        def forward(self, x):
+            return self.net(x)
+
+    with pytest.raises(ap.AttnPatchError, match="names no output"):
+        make_trainer(make_config(), parts, data, classifier=Unnamed())
