@@ -24,6 +24,7 @@ from .errors import AttnPatchError
 from .evaluate import EvalResult, evaluate_patch
 from .hijack import hijack, is_hijacked
 from .images import check_image, to_diffusion_input
+from .parts import DiffusionParts
 from .patch import AdversarialPatch, PatchParams, apply_patch
 from .processor import ControlledAttnProcessor
 from .prompts import (
@@ -72,6 +73,7 @@ __all__ = [
     "EOT",
     "load_classifier",
     "load_diffusion",
+    "DiffusionParts",
     "register_classifier",
     "register_diffusion",
     "AttentionPipeline",

@@ -49,6 +49,7 @@ from torch import nn
 from .data import ShapesConfig, _one_thread, shapes_dataset
 from .errors import AttnPatchError
 from .images import check_image
+from .parts import DiffusionParts
 
 __all__ = [
     "NormalizedClassifier",
@@ -265,7 +266,7 @@ def register_diffusion(
 
     The factory returns a :class:`DiffusionParts` (or any object with the fields ``unet``,
     ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` and optionally ``variant``,
-    ``text_encoder_2``, ``tokenizer_2``, such as :class:`~attnpatch.testing.TinySD`). Without
+    ``text_encoder_2``, ``tokenizer_2``, such as the stacks of :func:`~attnpatch.testing.tiny_sd`). Without
     ``factory`` this returns a decorator.
     """
     if factory is None:
@@ -743,84 +744,6 @@ register_classifier("tiny", _tiny_factory)
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class DiffusionParts:
-    """The parts of a Stable Diffusion stack, frozen and in eval mode.
-
-    Attributes:
-        unet: a ``UNet2DConditionModel``.
-        vae: an ``AutoencoderKL``; its downsampling factor is
-            ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 for SD, 2 for the tiny VAE).
-        text_encoder: ``CLIPTextModel`` (SD1.x/2.x; real SDXL's first encoder) or
-            ``CLIPTextModelWithProjection`` (the tiny SDXL stack's only encoder).
-        tokenizer: the matching ``CLIPTokenizer``.
-        scheduler: a ``DDIMScheduler`` (built from the folder's scheduler config whatever
-            class it names; ``prediction_type`` is kept).
-        variant: ``"sd15"``, ``"sd2"`` or ``"sdxl"``.
-        text_encoder_2, tokenizer_2: real SDXL's second, projecting encoder and its tokenizer;
-            ``None`` otherwise. Pass :attr:`tokenizers` / :attr:`text_encoders` to
-            :func:`attnpatch.prompts.encode_prompt` to handle both cases.
-
-    The field names match :class:`attnpatch.testing.TinySD`.
-    """
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-    variant: str = "sd15"
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
-
-    @property
-    def tokenizers(self) -> tuple[Any, ...]:
-        """``(tokenizer,)`` or ``(tokenizer, tokenizer_2)``."""
-        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
-
-    @property
-    def text_encoders(self) -> tuple[Any, ...]:
-        """``(text_encoder,)`` or ``(text_encoder, text_encoder_2)``."""
-        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """The VAE's downsampling factor (the ``multiple`` of ``to_diffusion_input``)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def modules(self) -> list[nn.Module]:
-        """The networks: unet, vae and the text encoder(s)."""
-        return [self.unet, self.vae, *self.text_encoders]
-
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> DiffusionParts:
-        """Move the networks in place; returns ``self``."""
-        for m in self.modules():
-            m.to(device=device, dtype=dtype)
-        return self
-
-    def pipeline(self):
-        """A diffusers ``StableDiffusionPipeline`` (SD1.x / SD2.x) from these parts."""
-        from diffusers import StableDiffusionPipeline
-
-        if self.variant == "sdxl":
-            raise AttnPatchError(
-                "pipeline() builds SD1.x/2.x pipelines only; for SDXL use the parts directly"
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
-
-
 _PART_FIELDS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -948,7 +871,7 @@ def load_diffusion(
     Args:
         spec: a registered name (``"tiny"`` = ``"tiny-sd15"``, ``"tiny-sd2"``,
             ``"tiny-sdxl"``, or yours), a local diffusers model folder (see
-            :func:`load_diffusers_folder`), or a ``DiffusionParts`` / ``TinySD``-like object.
+            :func:`load_diffusers_folder`), or a ``DiffusionParts``-like object.
             Hub ids are not downloaded: download once, pass the folder.
         device, dtype: where the networks go (``dtype`` is also the loading dtype of folders).
         **kwargs: passed to a registered factory (the tiny ones take ``seed``).

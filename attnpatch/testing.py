@@ -28,11 +28,12 @@ the library loads real models.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from .parts import DiffusionParts
 
 __all__ = [
     "TinySD",
@@ -450,42 +451,14 @@ def tiny_classifier(num_classes: int = 10, seed: int = 0, width: int = 16) -> Ti
     return model.eval()
 
 
-@dataclass
-class TinySD:
-    """The parts of a Stable Diffusion stack (the same fields for real, loaded models)."""
-
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-    variant: str = "sd15"
-
-    def pipeline(self):
-        """A diffusers ``StableDiffusionPipeline`` (``sd15``/``sd2``) from these parts."""
-        from diffusers import StableDiffusionPipeline
-
-        if self.variant == "sdxl":
-            raise NotImplementedError(
-                "the tiny SDXL stack has no diffusers pipeline; use its parts"
-            )
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            image_encoder=None,
-            requires_safety_checker=False,
-        )
+#: The tiny stacks are ordinary :class:`~attnpatch.parts.DiffusionParts`.
+TinySD = DiffusionParts
 
 
-def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> TinySD:
+def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> DiffusionParts:
     """Every part of a tiny SD stack of ``variant`` (``"sd15"``, ``"sd2"`` or ``"sdxl"``)."""
     _check_variant(variant)
-    return TinySD(
+    return DiffusionParts(
         unet=tiny_unet(variant, seed, deep=deep),
         vae=tiny_vae(seed),
         text_encoder=tiny_text_encoder(variant, seed),
@@ -495,7 +468,7 @@ def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> TinySD:
     )
 
 
-def save_tiny_sd(sd: TinySD, folder: str | os.PathLike) -> str:
+def save_tiny_sd(sd: DiffusionParts, folder: str | os.PathLike) -> str:
     """Write ``sd`` as a diffusers model folder (``unet/``, ``vae/``, ``text_encoder/``,
     ``tokenizer/``, ``scheduler/``) that ``registry.load_diffusion(folder)`` reads."""
     folder = os.fspath(folder)

@@ -197,7 +197,7 @@ def test_step_counter_follows_unet_calls(sd15):
     assert list(store.step_maps("cross", 16)) == [1, 2]
 
 
-@pytest.mark.parametrize("variant", ["sd15", "sdxl"])
+@pytest.mark.parametrize("variant", ["sd15", "sd2", "sdxl"])
 def test_gradients_flow_from_stored_maps_to_latent_and_text(variant, request):
     unet = request.getfixturevalue(variant).unet
     x, e, kw = unet_inputs(unet, requires_grad=True)
@@ -214,6 +214,7 @@ def test_gradients_flow_from_stored_maps_to_latent_and_text(variant, request):
 def _run_two_steps(unet, controller, checkpointing, backward_inside):
     """Two UNet calls under hijack; loss on the stored maps; returns grads and maps."""
     x, e, kw = unet_inputs(unet, requires_grad=True)
+    unet.zero_grad(set_to_none=True)
     store = ap.AttentionStore(per_step=True)
     control = ap.ComposeControl(controller, store) if controller else store
     if checkpointing:
@@ -236,12 +237,17 @@ def _run_two_steps(unet, controller, checkpointing, backward_inside):
 
 @pytest.mark.parametrize("backward_inside", [True, False])
 @pytest.mark.parametrize(
-    "editor",
-    [None, lambda: ap.ReweightCrossAttention([3, 4], 2.5, steps={0})],
-    ids=["store", "step-dependent-edit"],
+    "variant, editor",
+    [
+        ("sd15", None),
+        ("sd15", lambda: ap.ReweightCrossAttention([3, 4], 2.5, steps={0})),
+        ("sd2", lambda: ap.ReweightCrossAttention([3, 4], 2.5, steps={0})),
+        ("sdxl", lambda: ap.ReweightCrossAttention([3, 4], 2.5, steps={0})),
+    ],
+    ids=["sd15-store", "sd15-step-edit", "sd2-step-edit", "sdxl-step-edit"],
 )
-def test_gradient_checkpointing_is_replayed_exactly(sd15, backward_inside, editor):
-    unet = tiny_unet("sd15").train()  # train mode: dropout is 0, but checkpointing is active
+def test_gradient_checkpointing_is_replayed_exactly(variant, backward_inside, editor):
+    unet = tiny_unet(variant).train()  # train mode: dropout is 0, but checkpointing is active
     ref = _run_two_steps(unet, editor and editor(), False, backward_inside)
     got = _run_two_steps(unet, editor and editor(), True, backward_inside)
     assert got[3] == ref[3] == 2 and got[4] == ref[4] == 2  # steps not advanced by recomputes
