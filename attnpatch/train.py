@@ -19,7 +19,6 @@ bit on CPU, as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -162,7 +161,6 @@ class PatchTrainer:
             "backward": [],
             "iteration": [],
         }
-        self.callbacks = self.hooks["iteration"]
 
     # -- one forward pass ---------------------------------------------------------------------
     def forward(
@@ -237,6 +235,7 @@ class PatchTrainer:
                 seed=cfg.seed,
                 start=self.iteration,
                 stop=cfg.iterations,
+                device=self.patch.pixels.device,
             ):
                 indices = batch_indices(
                     len(self.data), self.config.data.batch_size, it, seed=cfg.seed
@@ -474,11 +473,3 @@ def _truncate_metrics(path: Path, iteration: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
-
-
-def dataclass_replace(config: TrainConfig, **sections: dict[str, Any]) -> TrainConfig:
-    """A copy of ``config`` with some fields of some sections replaced (validated)."""
-    new = dataclasses.replace(config)
-    for name, fields in sections.items():
-        setattr(new, name, dataclasses.replace(getattr(new, name), **fields))
-    return new.validate()

@@ -60,7 +60,7 @@ def test_gradient_accumulation_follows_the_seed(parts, data):
         real_zero(*a, **k),
     )[1]
     snapshots = []
-    trainer.callbacks.append(
+    trainer.hooks["iteration"].append(
         lambda t, fwd, stepped: snapshots.append(
             (stepped, t.patch.pixels.detach().clone(), t.counter)
         )
@@ -154,7 +154,7 @@ def test_resume_is_bit_exact(parts, data, tmp_path):
             raise Interrupt
 
     interrupted = make_trainer(cfg, parts, data, tmp_path / "b")
-    interrupted.callbacks.append(stop_at_4)
+    interrupted.hooks["iteration"].append(stop_at_4)
     with pytest.raises(Interrupt):
         interrupted.train()
     torch.manual_seed(12345)  # whatever happened to the RNG meanwhile
