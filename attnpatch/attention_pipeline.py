@@ -23,7 +23,7 @@ from .controllers import AttentionStore, ComposeControl
 from .ddim import ddim_denoise, ddim_invert
 from .errors import AttnPatchError
 from .hijack import hijack
-from .images import DIFFUSION_RANGE, check_image, to_diffusion_input
+from .images import resize, to_diffusion_input
 from .prompts import encode_prompt, sdxl_added_cond_kwargs
 from .sites import Resolution
 from .trace import trace_attention
@@ -136,6 +136,11 @@ class AttentionPipeline:
             AttentionStore(kinds=("self",), resolutions=self.self_resolutions, per_step=per_step),
         )
 
+    def resize_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A patch mask ``(B, 1, H, W)`` in [0, 1] at the diffusion input's size, resized as the
+        images are, so it lines up with the attention maps (an integer factor above them)."""
+        return resize(mask, self.image_size)
+
     # -- the pass -----------------------------------------------------------------------------
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], *, per_step: bool = False
@@ -150,8 +155,7 @@ class AttentionPipeline:
             )
         p = self.parts
         x = to_diffusion_input(images, self.image_size, multiple=self.factor)
-        check_image(x, DIFFUSION_RANGE, name="diffusion input")
-        z0 = vae_encode(p.vae, x)
+        z0 = vae_encode(p.vae, x)  # checks x: (B, 3, h, w) in [-1, 1]
         embeds = self.encode_prompts(prompts)
         added = self._added_cond(embeds)
         common = dict(

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import json
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,8 +229,6 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise AttnPatchError(f"{where} must be a list, got {value!r}")
         (item,) = typing.get_args(typ)[:1] or (Any,)
         return [_coerce(v, item, where) for v in value]
-    if origin in (typing.Union, types.UnionType):
-        return value
     if typ is bool:
         if isinstance(value, bool):
             return value

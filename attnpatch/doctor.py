@@ -258,9 +258,9 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
         msg = str(e)
         if "recorded" in msg and "hijack" in msg:
             report.add("hijack during denoising", FAIL, "no attention maps were recorded", "hijack")
-        elif "classifier input" in msg or "diffusion input" in msg:
+        elif "channels" in msg or "must lie in" in msg:  # a check_image inside the pipeline
             cause = "layout" if "channels" in msg else "range"
-            report.add(msg.split(" ")[0] + " input", FAIL, msg[:110], cause)
+            report.add("images inside the pipeline", FAIL, msg[:110], cause)
         else:
             report.add("forward pass", FAIL, msg[:140], "grad_flow")
         raise _Stop from None
@@ -325,7 +325,7 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
         if weights["self_attention"]:
             from .losses import self_attention_structure
 
-            ref = trainer.references(fwd.images, fwd.labels)
+            ref = trainer.references(fwd.images, fwd.labels, fwd.indices)  # cached
             term_fns["self_attention"] = lambda: self_attention_structure(self_maps, ref)
     expected = {
         "patch": set(term_fns),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .errors import AttnPatchError
 
-__all__ = ["check_image", "to_diffusion_input", "CLASSIFIER_RANGE", "DIFFUSION_RANGE"]
+__all__ = ["check_image", "to_diffusion_input", "resize", "CLASSIFIER_RANGE", "DIFFUSION_RANGE"]
 
 CLASSIFIER_RANGE = (0.0, 1.0)
 DIFFUSION_RANGE = (-1.0, 1.0)
@@ -178,12 +178,22 @@ def to_diffusion_input(
     h, w = _size_pair(size, tuple(images.shape[-2:]))
     h = -(-h // multiple) * multiple
     w = -(-w // multiple) * multiple
-    x = images
-    if (h, w) != tuple(images.shape[-2:]):
-        shrink = h < images.shape[-2] or w < images.shape[-1]
-        # CPU has no antialiased kernel for half types: resize those in float32.
-        upcast = shrink and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
-        y = x.float() if upcast else x
-        y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
-        x = y.to(images.dtype) if upcast else y
-    return x * 2.0 - 1.0
+    return resize(images, (h, w)) * 2.0 - 1.0
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize ``(B, C, H, W)`` to ``size = (h, w)`` as :func:`to_diffusion_input` does.
+
+    Bilinear (``align_corners=False``), antialiased when either side shrinks; convex weights,
+    so a [0, 1] input (an image, a patch mask) stays in [0, 1]. Differentiable; a no-op when
+    the size already matches.
+    """
+    h, w = size
+    if (h, w) == tuple(x.shape[-2:]):
+        return x
+    shrink = h < x.shape[-2] or w < x.shape[-1]
+    # CPU has no antialiased kernel for half types: resize those in float32.
+    upcast = shrink and x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16)
+    y = x.float() if upcast else x
+    y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+    return y.to(x.dtype) if upcast else y

@@ -161,7 +161,7 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         is_cross = ehs is not None
         key_len = ehs.shape[1] if is_cross else query_len
         latent_hw = self.state.latent_hw
-        cache_key = (query_len, key_len, attn.heads, latent_hw, is_cross, id(attn))
+        cache_key = (query_len, key_len, latent_hw, is_cross)  # one processor per layer
         site = self._sites.get(cache_key)
         if site is None:
             if hidden_states.ndim == 4:

@@ -72,6 +72,7 @@ class Forward:
         logits: ``(B, num_classes)``.
         attention: the attention pipeline's result, ``None`` when both attention weights are 0.
         terms: the loss terms (weighted total: ``terms.total()``).
+        indices: the batch's data-set indices (keys of the cached self-attention references).
     """
 
     images: torch.Tensor
@@ -82,6 +83,7 @@ class Forward:
     logits: torch.Tensor
     attention: AttentionResult | None
     terms: LossTerms
+    indices: list[int]
 
 
 class PatchTrainer:
@@ -168,9 +170,9 @@ class PatchTrainer:
     ) -> Forward:
         """Patch, classify, run the attention pipeline, build every loss term."""
         terms = LossTerms(self.weights)
-        check_image(images, CLASSIFIER_RANGE, name="training images")
+        # The patch checks the batch (layout, [0, 1]); its output is in [0, 1] by construction,
+        # and to_diffusion_input / vae_encode check the diffusion side.
         patched, mask = self.patch(images, eot=self.config.patch.eot)
-        check_image(patched, CLASSIFIER_RANGE, name="classifier input")
         logits = self.classifier(patched)
         clf_labels = self.label_map.to(labels.device)[labels]
         targets = clf_labels if self.target is None else torch.full_like(labels, self.target)
@@ -191,7 +193,7 @@ class PatchTrainer:
             )
         terms.add("l2", lambda: l2_norm(patched, images))
         terms.add("tv", lambda: total_variation(self.patch.pixels))
-        return Forward(images, labels, targets, patched, mask, logits, result, terms)
+        return Forward(images, labels, targets, patched, mask, logits, result, terms, list(indices))
 
     def classifier_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The configured classifier loss on logits ``(B, C)``."""
@@ -202,12 +204,13 @@ class PatchTrainer:
     def cross_attention_term(
         self, maps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
-        """The configured cross-attention loss on maps ``(B, h, w, 77)`` for the labels' words."""
+        """The configured cross-attention loss on maps ``(B, h, w, 77)`` for the labels' words;
+        ``mask`` ``(B, 1, H, W)`` in [0, 1] is the placed patch (region losses)."""
         tokens = [self.tokens[int(y)] for y in labels]
         kind = self.config.attention.cross_loss
         if kind == "variance":
             return cross_attention_variance(maps, tokens)
-        return cross_attention_region(maps, _mask_for(mask, maps), tokens, mode=kind)
+        return cross_attention_region(maps, self.attention.resize_mask(mask), tokens, mode=kind)
 
     def references(
         self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] = ()
@@ -393,12 +396,6 @@ def _optimizer(config: TrainConfig, patch: AdversarialPatch) -> torch.optim.Opti
     if config.train.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.train.lr)
     return torch.optim.SGD(params, lr=config.train.lr)
-
-
-def _mask_for(mask: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """The patch mask at the map's resolution (area average)."""
-    h, w = maps.shape[1:3]
-    return torch.nn.functional.adaptive_avg_pool2d(mask, (h, w))
 
 
 def _progress(trainer: PatchTrainer, enabled: bool):

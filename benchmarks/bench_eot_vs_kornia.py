@@ -1,13 +1,13 @@
 """kornia.augmentation pipeline vs attnpatch's single-warp path: cost, edge fidelity, blur."""
 
 import math
-import time
 
 import kornia.augmentation as KA
 import kornia.geometry.transform as KT
 import torch
 import torch.nn.functional as F
 from kornia.constants import DataKey
+from timing import min_median_ms
 
 from attnpatch.eot import EOT, EOTDraw, eot_matrix
 from attnpatch.patch import AdversarialPatch, PatchParams, apply_patch
@@ -52,16 +52,8 @@ def kornia_apply(aug, x, p, m, scales, noise=True):
     return x * (1 - mw) + pw * mw, mw
 
 
-def bench(fn, n=50):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[0] * 1e3, ts[n // 2] * 1e3
+def bench(fn):
+    return min_median_ms(fn, n=50, warmup=5)
 
 
 for B, S, h, scale in [(1, 224, 64, (0.2, 0.4)), (16, 32, 16, (0.3, 0.5))]:
@@ -78,9 +70,10 @@ for B, S, h, scale in [(1, 224, 64, (0.2, 0.4)), (16, 32, 16, (0.3, 0.5))]:
         y, _ = patch(x)
         y.sum().backward()
 
+    k, o = bench(k_fb), bench(o_fb)
     print(
-        f"{B}x3x{S}x{S}, patch {h}: kornia fwd+bwd min/median {bench(k_fb)[0]:.2f}/{bench(k_fb)[1]:.2f} ms, "
-        f"attnpatch {bench(o_fb)[0]:.2f}/{bench(o_fb)[1]:.2f} ms"
+        f"{B}x3x{S}x{S}, patch {h}: kornia fwd+bwd min/median {k[0]:.2f}/{k[1]:.2f} ms, "
+        f"attnpatch {o[0]:.2f}/{o[1]:.2f} ms"
     )
 
 # Edge fidelity: a white patch on white images must stay white wherever the mask reaches.

@@ -1,25 +1,17 @@
 """Per-call cost of AdversarialPatch.forward (sampling + application), CPU."""
 
 import sys
-import time
 
 import torch
+from timing import min_median_ms
 
 from attnpatch.patch import AdversarialPatch
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 
 
-def bench(fn, n=100):
-    for _ in range(10):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[0] * 1e3, ts[n // 2] * 1e3
+def bench(fn):
+    return min_median_ms(fn, n=100, warmup=10)
 
 
 print("threads", torch.get_num_threads())

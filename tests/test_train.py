@@ -94,7 +94,6 @@ def test_each_path_alone_reaches_the_patch(parts, data, weights):
     cfg = make_config(weights=weights, patch={"init": "random"})
     trainer = make_trainer(cfg, parts, data)
     images, labels = data.get_batch([0, 1])
-    # a self-attention reference of other images, so the structure loss is not 0 at the start
     fwd = trainer.forward(images, labels, indices=[0, 1])
     (name,) = [n for n, w in weights.items() if w]
     assert fwd.terms.as_dict()[name] is not None
@@ -103,10 +102,7 @@ def test_each_path_alone_reaches_the_patch(parts, data, weights):
     fwd.terms.total().backward()
     grad = trainer.patch.pixels.grad
     assert grad is not None and torch.isfinite(grad).all()
-    if name == "self_attention":  # patched vs clean structure: non-zero once the patch differs
-        assert grad.abs().sum() > 0
-    else:
-        assert grad.abs().sum() > 0
+    assert grad.abs().sum() > 0  # self-attention: patched vs clean structure differs
     frozen = [trainer.classifier, parts.unet, parts.vae, parts.text_encoder]
     assert all(p.grad is None for m in frozen for p in m.parameters())
 
@@ -245,3 +241,20 @@ def test_labels_map_to_a_larger_classifier_by_name(parts, data):
 
     with pytest.raises(ap.AttnPatchError, match="names no output"):
         make_trainer(make_config(), parts, data, classifier=Unnamed())
+
+
+@pytest.mark.parametrize("mode", ["repel", "attract"])
+def test_region_loss_uses_the_mask_resized_like_the_images(parts, data, mode):
+    cfg = make_config(
+        attention={"cross_loss": mode, "diffusion_size": 48},  # 32 px images, 48 px to the VAE
+        weights={"classifier": 0.0, "self_attention": 0.0, "l2": 0.0, "cross_attention": 1.0},
+    )
+    trainer = make_trainer(cfg, parts, data)
+    images, labels = data.get_batch([0, 1])
+    fwd = trainer.forward(images, labels)
+    share = fwd.terms.as_dict()["cross_attention"]
+    assert 0.0 <= share <= 1.0
+    fwd.terms.total().backward()
+    assert trainer.patch.pixels.grad.abs().sum() > 0
+    resized = trainer.attention.resize_mask(fwd.mask)
+    assert resized.shape[-2:] == (48, 48) and resized.min() >= 0 and resized.max() <= 1
