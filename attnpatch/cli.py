@@ -34,7 +34,7 @@ def _trace_unet(spec: str):
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .trace import format_sites, summarize_sites, trace_attention
+    from .hooks import format_sites, summarize_sites, trace_attention
 
     unet, _ = _trace_unet(args.model)
     latent = args.latent
@@ -77,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import apply_flags, load_config
-    from .run import run_training
+    from .training import run_training
+    from .training.config import apply_flags, load_config
 
     cfg = load_config(args.config, apply_flags(args))
     if args.quiet:
@@ -104,7 +104,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .config import add_config_flags
+    from .training.config import add_config_flags
 
     train = sub.add_parser(
         "train",
@@ -143,7 +143,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .patch import AdversarialPatch
-    from .viz import save, to_pil
+    from .training.viz import save, to_pil
 
     patch = AdversarialPatch.load(args.patch)
     os.makedirs(args.out, exist_ok=True)
@@ -173,8 +173,8 @@ def _add_apply(sub) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .config import apply_flags, load_config
-    from .doctor import doctor
+    from .training import doctor
+    from .training.config import apply_flags, load_config
 
     cfg = load_config(args.config, apply_flags(args))
     cfg.train.progress = False
@@ -184,7 +184,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_doctor(sub) -> None:
-    from .config import add_config_flags
+    from .training.config import add_config_flags
 
     doc = sub.add_parser(
         "doctor",

@@ -11,7 +11,7 @@ from PIL import Image
 
 import attnpatch as ap
 from attnpatch.cli import main
-from attnpatch.config import load_config
+from attnpatch.training.config import load_config
 
 RUN_FILES = [
     "config.json",

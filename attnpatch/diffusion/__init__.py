@@ -1,0 +1,38 @@
+"""The diffusion layer: the parts of an SD stack, differentiable DDIM, prompts, the VAE, and the
+attention pipeline that wires them under a hijack.
+
+* :class:`DiffusionParts` — unet, vae, text encoder(s), tokenizer(s), scheduler as one object.
+* :func:`ddim_invert` / :func:`ddim_denoise` — the differentiable DDIM loops.
+* :func:`encode_prompt`, :func:`token_indices`, :func:`sdxl_added_cond_kwargs` — text side.
+* :func:`vae_encode` / :func:`vae_decode` — images in [-1, 1] <-> scaled latents.
+* :class:`AttentionPipeline` — image -> VAE -> invert -> denoise under hijack -> maps.
+"""
+
+from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
+from .parts import DiffusionParts
+from .pipeline import AttentionPipeline, AttentionResult
+from .prompts import (
+    PromptEmbeds,
+    cached_embeddings,
+    encode_prompt,
+    sdxl_added_cond_kwargs,
+    token_indices,
+)
+from .vae import vae_decode, vae_encode, vae_scale_factor
+
+__all__ = [
+    "DiffusionParts",
+    "ddim_invert",
+    "ddim_denoise",
+    "ddim_timesteps",
+    "PromptEmbeds",
+    "encode_prompt",
+    "cached_embeddings",
+    "token_indices",
+    "sdxl_added_cond_kwargs",
+    "vae_encode",
+    "vae_decode",
+    "vae_scale_factor",
+    "AttentionPipeline",
+    "AttentionResult",
+]

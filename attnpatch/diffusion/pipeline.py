@@ -1,0 +1,211 @@
+"""The seed's attention pipeline, as one composable step.
+
+    images (B, 3, H, W) in [0, 1]
+      -> to_diffusion_input      (B, 3, h, w) in [-1, 1]
+      -> vae_encode              z0 (B, 4, h/f, w/f)
+      -> ddim_invert (with grad) zT: the clean latent pushed up k DDIM steps
+      -> with hijack(unet, store): ddim_denoise      (hijack removed on exit)
+      -> store: cross-attention maps (all resolutions) and self-attention maps (chosen ones)
+
+Every step is a public function of the library; this class only wires them and remembers the
+choices (steps, guidance, resolutions). Gradients flow from the stored maps back to ``images``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import AttnPatchError
+from ..hooks import AttentionStore, ComposeControl, Resolution, hijack, trace_attention
+from ..images import resize, to_diffusion_input
+from .ddim import ddim_denoise, ddim_invert
+from .prompts import encode_prompt, sdxl_added_cond_kwargs
+from .vae import vae_encode, vae_scale_factor
+
+__all__ = ["AttentionPipeline", "AttentionResult"]
+
+
+@dataclass
+class AttentionResult:
+    """What one pass produced (every tensor keeps its graph unless run under no_grad).
+
+    Attributes:
+        diffusion_input: ``(B, 3, h, w)`` in [-1, 1].
+        z0: VAE latents ``(B, 4, h/f, w/f)``.
+        zT: inverted latents (same shape).
+        denoised: latents after the ``k`` denoising steps (same shape).
+        cross: the store of cross-attention maps (every resolution).
+        self_store: the store of self-attention maps (``self_resolutions`` only).
+        batch: ``B``; with classifier-free guidance the stores hold ``[uncond; cond]`` rows and
+            the getters below return the conditional half.
+    """
+
+    diffusion_input: torch.Tensor
+    z0: torch.Tensor
+    zT: torch.Tensor
+    denoised: torch.Tensor
+    cross: AttentionStore
+    self_store: AttentionStore
+    batch: int
+
+    def cross_maps(self, resolution: Resolution) -> torch.Tensor:
+        """Cross-attention ``(B, h, w, 77)`` averaged over heads, layers, steps."""
+        return self.cross.aggregate("cross", resolution)[-self.batch :]
+
+    def self_maps(self) -> dict[str, torch.Tensor]:
+        """Per layer, self-attention ``(B, h, w, h*w)`` averaged over heads and steps."""
+        return {k: v[-self.batch :] for k, v in self.self_store.maps("self").items()}
+
+
+class AttentionPipeline:
+    """image -> VAE -> differentiable DDIM inversion -> denoising under hijack -> maps.
+
+    Args:
+        parts: a diffusion stack (``registry.load_diffusion(...)``: unet, vae, text_encoder,
+            tokenizer, scheduler, variant; SDXL's second encoder when present).
+        num_inference_steps: ``N`` of the DDIM schedule.
+        num_steps: ``k``: the last ``k`` steps are inverted and denoised with gradients.
+        guidance_scale: classifier-free guidance while denoising (1.0: conditional only).
+            Inversion always uses the conditional embeddings alone.
+        image_size: side (or ``(h, w)``) of the diffusion input; rounded up to the VAE factor.
+        cross_resolution: map size for cross-attention losses; ``None``: the smallest size at
+            which both down and up blocks attend (16x16 for SD1.5 at 512 px, like
+            prompt-to-prompt; 7x7 for SD2 at 224 px, like DiffAttack).
+        self_resolutions: sizes whose self-attention is stored; ``None``: the two smallest.
+        checkpoint: recompute each UNet call during backward (memory flat in ``num_steps``).
+    """
+
+    def __init__(
+        self,
+        parts: Any,
+        *,
+        num_inference_steps: int = 10,
+        num_steps: int = 2,
+        guidance_scale: float = 1.0,
+        image_size: int | tuple[int, int] = 64,
+        cross_resolution: int | Resolution | None = None,
+        self_resolutions: Sequence[int | Resolution] | None = None,
+        checkpoint: bool = False,
+    ):
+        if not 1 <= num_steps <= num_inference_steps:
+            raise AttnPatchError(
+                f"num_steps ({num_steps}) must be in [1, num_inference_steps ({num_inference_steps})]"
+            )
+        self.parts = parts
+        self.num_inference_steps = num_inference_steps
+        self.num_steps = num_steps
+        self.guidance_scale = float(guidance_scale)
+        self.checkpoint = checkpoint
+        self.factor = vae_scale_factor(parts.vae)
+        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.image_size = (-(-h // self.factor) * self.factor, -(-w // self.factor) * self.factor)
+        latent = (self.image_size[0] // self.factor, self.image_size[1] // self.factor)
+        self.sites = trace_attention(parts.unet, latent)
+        self.cross_resolution = _pick_cross(self.sites, cross_resolution)
+        self.self_resolutions = _pick_self(self.sites, self_resolutions)
+
+    # -- pieces -------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: Sequence[str]) -> Any:
+        """Cached text embeddings (``PromptEmbeds``) of ``prompts``."""
+        p = self.parts
+        tokenizers = getattr(p, "tokenizers", (p.tokenizer,))
+        encoders = getattr(p, "text_encoders", (p.text_encoder,))
+        if len(tokenizers) == 1:
+            return encode_prompt(tokenizers[0], encoders[0], list(prompts))
+        return encode_prompt(tokenizers, encoders, list(prompts))
+
+    def _added_cond(self, embeds: Any) -> dict[str, torch.Tensor] | None:
+        if self.parts.unet.config.addition_embed_type != "text_time":
+            return None
+        # [uncond; cond] rows: ddim_invert/ddim_denoise take the half(s) they run.
+        return sdxl_added_cond_kwargs(
+            embeds.pooled, self.image_size, uncond_pooled=embeds.uncond_pooled
+        )
+
+    def new_stores(self, per_step: bool = False) -> tuple[AttentionStore, AttentionStore]:
+        """Fresh (cross, self) stores with this pipeline's filters."""
+        return (
+            AttentionStore(kinds=("cross",), per_step=per_step),
+            AttentionStore(kinds=("self",), resolutions=self.self_resolutions, per_step=per_step),
+        )
+
+    def resize_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A patch mask ``(B, 1, H, W)`` in [0, 1] at the diffusion input's size, resized as the
+        images are, so it lines up with the attention maps (an integer factor above them)."""
+        return resize(mask, self.image_size)
+
+    # -- the pass -----------------------------------------------------------------------------
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence[str], *, per_step: bool = False
+    ) -> AttentionResult:
+        """Run the pipeline on ``images`` ``(B, 3, H, W)`` in [0, 1] with one prompt per image.
+
+        ``per_step=True`` keeps each denoising step's maps too (``result.cross.step_maps``).
+        """
+        if len(prompts) != images.shape[0]:
+            raise AttnPatchError(
+                f"got {len(prompts)} prompts for {images.shape[0]} images; pass one prompt per image"
+            )
+        p = self.parts
+        x = to_diffusion_input(images, self.image_size, multiple=self.factor)
+        z0 = vae_encode(p.vae, x)  # checks x: (B, 3, h, w) in [-1, 1]
+        embeds = self.encode_prompts(prompts)
+        added = self._added_cond(embeds)
+        common = dict(
+            num_inference_steps=self.num_inference_steps,
+            num_steps=self.num_steps,
+            checkpoint=self.checkpoint,
+        )
+        zT = ddim_invert(p.unet, p.scheduler, z0, embeds.cond, added_cond_kwargs=added, **common)
+        cross, selfs = self.new_stores(per_step)
+        with hijack(p.unet, ComposeControl(cross, selfs)):
+            denoised = ddim_denoise(
+                p.unet,
+                p.scheduler,
+                zT,
+                embeds.cond,
+                uncond=embeds.uncond if self.guidance_scale != 1.0 else None,
+                guidance_scale=self.guidance_scale,
+                added_cond_kwargs=added,
+                **common,
+            )
+        return AttentionResult(x, z0, zT, denoised, cross, selfs, images.shape[0])
+
+
+def _resolutions(sites, kind: str, places: set[str]) -> set[Resolution]:
+    return {s.resolution for s in sites if s.kind == kind and s.place in places}
+
+
+def _pick_cross(sites, wanted) -> Resolution:
+    available = _resolutions(sites, "cross", {"down", "mid", "up"})
+    if not available:
+        raise AttnPatchError("this UNet has no cross-attention layers; attention losses need them")
+    if wanted is not None and wanted != 0:
+        res = (wanted, wanted) if isinstance(wanted, int) else tuple(wanted)
+        if res not in available:
+            raise AttnPatchError(
+                f"no cross-attention at resolution {res} for this image size; available: "
+                f"{sorted(available)} (set attention.cross_resolution to one of them, or 0)"
+            )
+        return res
+    both = _resolutions(sites, "cross", {"down"}) & _resolutions(sites, "cross", {"up"})
+    return min(both or available, key=lambda r: r[0] * r[1])
+
+
+def _pick_self(sites, wanted) -> list[Resolution]:
+    available = sorted(
+        _resolutions(sites, "self", {"down", "mid", "up"}), key=lambda r: r[0] * r[1]
+    )
+    if not wanted:
+        return available[:2]
+    chosen = [(r, r) if isinstance(r, int) else tuple(r) for r in wanted]
+    missing = [r for r in chosen if r not in available]
+    if missing:
+        raise AttnPatchError(
+            f"no self-attention at {missing} for this image size; available: {available}"
+        )
+    return chosen

@@ -1,0 +1,210 @@
+"""AttentionStore: record attention maps, differentiably, and read them back by resolution."""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable
+
+import torch
+from einops import rearrange
+
+from ...errors import AttnPatchError
+from ..site import AttnSite, Resolution, as_resolution
+from .base import AttentionControl
+
+__all__ = ["AttentionStore"]
+
+_KINDS = ("cross", "self")
+_PLACES = ("down", "mid", "up")
+
+
+class AttentionStore(AttentionControl):
+    """Records head-averaged attention maps of the layers it is asked to watch.
+
+    Args:
+        kinds: which attention to record: ``"cross"`` and/or ``"self"``.
+        places: which UNet blocks: ``"down"``, ``"mid"``, ``"up"``.
+        resolutions: spatial sizes to record (ints for square maps, ``(h, w)`` pairs); ``None``
+            records every size. Self-attention at high resolution is large (``(B, h*w, h*w)`` per
+            layer): restrict it.
+        steps: UNet calls (values of ``cur_step``) to record, e.g. ``range(5, 10)``; ``None``
+            records all.
+        per_step: also keep each step's maps (for :meth:`step_maps`); by default only the running
+            sum over steps is kept.
+
+    Maps are averaged over heads when recorded and summed over steps out of place, so they
+    carry gradients back to the UNet's inputs. Nothing is recorded while ``recomputing``.
+
+    Getters return cross maps as ``(B, h, w, key)`` (``key`` = text tokens) and self maps as
+    ``(B, h, w, h*w)``; ``B`` is the UNet's batch (with classifier-free guidance, ``[uncond;
+    cond]``: take the last half for the conditional maps).
+
+    >>> store = AttentionStore(kinds=("cross",), resolutions=[16])
+    """
+
+    def __init__(
+        self,
+        kinds: Iterable[str] = _KINDS,
+        places: Iterable[str] = _PLACES,
+        resolutions: Iterable[int | Resolution] | None = None,
+        *,
+        steps: Container[int] | None = None,
+        per_step: bool = False,
+    ):
+        self.kinds = _check_choice("kinds", kinds, _KINDS)
+        self.places = _check_choice("places", places, _PLACES)
+        self.resolutions = (
+            None if resolutions is None else frozenset(as_resolution(r) for r in resolutions)
+        )
+        self.steps = steps
+        self.per_step = per_step
+        self.reset()
+
+    # -- the controller interface ----------------------------------------------------------
+    def needs(self, site: AttnSite) -> bool:
+        return (
+            site.kind in self.kinds
+            and site.place in self.places
+            and (self.resolutions is None or site.resolution in self.resolutions)
+            and (self.steps is None or self.cur_step in self.steps)
+        )
+
+    def __call__(self, probs: torch.Tensor, site: AttnSite) -> torch.Tensor:
+        if not self.recomputing:
+            self._record(probs.mean(dim=1), site)
+        return probs
+
+    def reset(self) -> None:
+        super().reset()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._sites: dict[str, AttnSite] = {}
+        self._per_step: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        self._recorded_steps: set[int] = set()
+
+    def _record(self, maps: torch.Tensor, site: AttnSite) -> None:
+        name = site.name
+        previous = self._sites.get(name)
+        if previous is not None and previous.map_shape != site.map_shape:
+            raise AttnPatchError(
+                f"layer {name} produced maps of shape {site.map_shape} after {previous.map_shape} "
+                "in the same run; call store.reset() between inputs of different sizes"
+            )
+        self._sites[name] = site
+        # Out of place: the sum keeps the graph of every step.
+        self._sums[name] = maps if name not in self._sums else self._sums[name] + maps
+        self._counts[name] = self._counts.get(name, 0) + 1
+        if self.per_step:
+            self._per_step.setdefault(name, []).append((self.cur_step, maps))
+        self._recorded_steps.add(self.cur_step)
+
+    # -- getters ------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """How many distinct UNet calls recorded something."""
+        return len(self._recorded_steps)
+
+    def sites(
+        self,
+        kind: str | None = None,
+        resolution: int | Resolution | None = None,
+        places: Iterable[str] = _PLACES,
+    ) -> list[AttnSite]:
+        """The recorded sites matching the filters, in first-recorded (execution) order."""
+        res = None if resolution is None else as_resolution(resolution)
+        places = set(places)
+        return [
+            s
+            for s in self._sites.values()
+            if (kind is None or s.kind == kind)
+            and (res is None or s.resolution == res)
+            and s.place in places
+        ]
+
+    def maps(
+        self,
+        kind: str,
+        resolution: int | Resolution | None = None,
+        places: Iterable[str] = _PLACES,
+    ) -> dict[str, torch.Tensor]:
+        """Per layer, the step-average of its head-averaged maps: ``{name: (B, h, w, key)}``."""
+        _check_kind(kind)
+        return {
+            s.name: self._spatial(self._sums[s.name] / self._counts[s.name], s)
+            for s in self._matching(kind, resolution, places)
+        }
+
+    def aggregate(
+        self,
+        kind: str,
+        resolution: int | Resolution,
+        places: Iterable[str] = _PLACES,
+    ) -> torch.Tensor:
+        """Average over heads, matching layers and stored steps at one resolution.
+
+        Like prompt-to-prompt's ``aggregate_attention``: ``(B, h, w, key)`` (``key = h*w`` for
+        self-attention). Raises if nothing matching was recorded, listing what was.
+        """
+        _check_kind(kind)
+        layers = list(self.maps(kind, resolution, places).values())
+        return torch.stack(layers).mean(dim=0) if len(layers) > 1 else layers[0]
+
+    def step_maps(
+        self,
+        kind: str,
+        resolution: int | Resolution,
+        places: Iterable[str] = _PLACES,
+    ) -> dict[int, torch.Tensor]:
+        """Per step, the layer-average at one resolution: ``{step: (B, h, w, key)}``.
+
+        Needs ``per_step=True``.
+        """
+        _check_kind(kind)
+        if not self.per_step:
+            raise AttnPatchError(
+                "step_maps() needs per-step maps; create the store with per_step=True"
+            )
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for s in self._matching(kind, resolution, places):
+            for step, m in self._per_step[s.name]:
+                by_step.setdefault(step, []).append(self._spatial(m, s))
+        return {step: torch.stack(ms).mean(dim=0) for step, ms in sorted(by_step.items())}
+
+    def _matching(
+        self, kind: str, resolution: int | Resolution | None, places: Iterable[str]
+    ) -> list[AttnSite]:
+        places = tuple(places)
+        found = self.sites(kind, resolution, places)
+        if not found:
+            recorded = sorted({(s.kind, s.place, s.resolution) for s in self._sites.values()})
+            raise AttnPatchError(
+                f"no {kind}-attention maps at resolution {resolution} in {places} were recorded "
+                f"(recorded: {recorded or 'nothing'}); check the store's kinds/places/resolutions "
+                "filters and that the UNet ran under hijack(unet, store)"
+            )
+        return found
+
+    @staticmethod
+    def _spatial(maps: torch.Tensor, site: AttnSite) -> torch.Tensor:
+        h, w, _ = site.map_shape
+        return rearrange(maps, "b (h w) k -> b h w k", h=h, w=w)
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionStore(kinds={self.kinds}, places={self.places}, layers={len(self._sites)}, "
+            f"steps={self.num_steps}, cur_step={self.cur_step})"
+        )
+
+
+def _check_choice(what: str, values: Iterable[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = (values,)
+    values = tuple(values)
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise AttnPatchError(f"{what} must be a non-empty subset of {allowed}, got {values}")
+    return values
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise AttnPatchError(f"kind must be 'cross' or 'self', got {kind!r}")

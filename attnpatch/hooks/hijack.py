@@ -1,0 +1,257 @@
+"""``with hijack(unet, controller):`` — install controlled processors, always restore the
+originals — and the checkpoint replay that keeps gradients right when backward runs later.
+
+**Checkpoint replay** (the whole mechanism lives in this module). Activation checkpointing
+re-runs a forward function during backward. By then the hijack may have exited (the processors
+are the originals again) and the controller has moved on (its step advanced), so a plain
+recompute would run other code than the forward did, record maps twice and edit with the wrong
+step. attnpatch's recomputes go through torch's public ``context_fn`` hook instead:
+
+* at forward time :func:`checkpoint` snapshots every attention module's processor and, for each
+  hijack whose processors are installed, the controller's step and the latent size;
+* around the recompute it re-installs those processors and enters
+  ``controller.replaying(step)`` (observers record nothing, editors edit as in the forward),
+  then puts back whatever was installed.
+
+:func:`checkpoint` serves ``ddim_invert`` / ``ddim_denoise(..., checkpoint=True)``. diffusers'
+own block checkpointing (``unet.enable_gradient_checkpointing()`` before entering the hijack)
+is routed through the same replay while the block is active, by swapping the blocks' private
+``_gradient_checkpointing_func`` and swapping it back on exit. A recompute that bypasses the
+replay (a ``torch.utils.checkpoint`` around a UNet call that attnpatch does not manage) is
+refused with an error, detected through torch's private ``torch._C._current_graph_task_id()``.
+Those two private attributes are used here only, and tests pin both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+from ..errors import AttnPatchError
+from .controllers import AttentionControl
+from .processor import ControlledAttnProcessor, HijackState
+
+__all__ = ["hijack", "is_hijacked", "checkpoint", "attention_modules", "in_backward"]
+
+C = TypeVar("C", bound=AttentionControl)
+
+
+def attention_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` for every diffusers attention module (anything with a processor)."""
+    for name, sub in module.named_modules():
+        if hasattr(sub, "set_processor") and hasattr(sub, "processor"):
+            yield name, sub
+
+
+@contextlib.contextmanager
+def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
+    """Let ``controller`` read and edit every attention layer of ``unet`` inside the block.
+
+    On entry it snapshots each attention module's processor object and installs a
+    :class:`~attnpatch.hooks.ControlledAttnProcessor` module by module; it also registers UNet
+    forward hooks that record each call's latent size and advance ``controller.cur_step`` after
+    each call. In ``finally`` — on normal exit, on any exception, on KeyboardInterrupt, and when
+    installation fails halfway — it removes the hooks and puts back the very same processor
+    objects. Nested hijacks on one UNet stack: the inner one chains to the outer one's
+    processors and restores them on exit.
+
+    Gradient checkpointing (see the module docstring): UNet calls under :func:`checkpoint`, and
+    blocks of a UNet whose ``enable_gradient_checkpointing()`` was called before entering,
+    recompute with these processors and the controller's step replayed, even after the block
+    has exited, so maps are recorded once and gradients equal those without checkpointing.
+
+    The controller is not reset on entry: call ``controller.reset()`` when you start a new run.
+
+    Args:
+        unet: a diffusers model with attention modules (``UNet2DConditionModel``, or any model
+            whose attention layers have ``set_processor``).
+        controller: an :class:`~attnpatch.AttentionControl`.
+
+    Yields:
+        ``controller``, so ``with hijack(unet, AttentionStore()) as store:`` works.
+    """
+    if not isinstance(controller, AttentionControl):
+        raise AttnPatchError(
+            f"hijack needs an attnpatch.AttentionControl (e.g. AttentionStore()), got "
+            f"{type(controller).__name__}"
+        )
+    modules: list[tuple[str, nn.Module]] = []
+    blocks: list[nn.Module] = []  # modules diffusers can checkpoint
+    for name, module in unet.named_modules():  # one traversal for both lists
+        if hasattr(module, "set_processor") and hasattr(module, "processor"):
+            modules.append((name, module))
+        if hasattr(module, "gradient_checkpointing"):
+            blocks.append(module)
+    if not modules:
+        raise AttnPatchError(
+            f"{type(unet).__name__} has no attention modules with set_processor(); pass the UNet "
+            "(pipe.unet), not the pipeline"
+        )
+    for name, module in modules:
+        if id(controller) in _controllers_of(module.processor):
+            raise AttnPatchError(
+                f"this controller already hijacks {name}; nesting hijack with the same controller "
+                "would count every step twice: use one block, or a second controller"
+            )
+    state = HijackState(controller)
+    installed: list[tuple[nn.Module, Any]] = []
+    handles: list[Any] = []
+    swapped: list[tuple[nn.Module, Any]] = []
+    try:
+        for name, module in modules:
+            original = module.processor
+            module.set_processor(
+                ControlledAttnProcessor(controller, name=name, original=original, state=state)
+            )
+            installed.append((module, original))
+        for block in blocks:
+            if block.gradient_checkpointing:
+                swapped.append((block, block._gradient_checkpointing_func))
+                block._gradient_checkpointing_func = _replaying_checkpoint
+        pre_hook = _before_call(state, [b for b in blocks if not b.gradient_checkpointing])
+        handles.append(unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(unet.register_forward_hook(_after_call(controller)))
+        yield controller
+    finally:
+        errors: list[BaseException] = []
+        for handle in handles:
+            handle.remove()
+        for block, func in reversed(swapped):
+            block._gradient_checkpointing_func = func
+        for module, original in reversed(installed):
+            try:
+                module.set_processor(original)
+            except BaseException as e:  # keep restoring the others
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def is_hijacked(unet: nn.Module) -> bool:
+    """True if any attention layer of ``unet`` runs a controlled processor."""
+    return any(isinstance(m.processor, ControlledAttnProcessor) for _, m in attention_modules(unet))
+
+
+def _chain(processor: Any) -> Iterator[ControlledAttnProcessor]:
+    """A controlled processor and those of the enclosing hijacks it chains to."""
+    while isinstance(processor, ControlledAttnProcessor):
+        yield processor
+        processor = processor.original
+
+
+def _controllers_of(processor: Any) -> set[int]:
+    return {id(p.controller) for p in _chain(processor)}
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread.
+
+    During a non-reentrant checkpoint recompute this is how code can tell that it is being
+    re-run rather than run. It reads ``torch._C._current_graph_task_id()`` (the id of the
+    running graph task, -1 outside backward), which torch's own checkpoint code uses; a test
+    pins its behaviour so an upstream change is caught.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def _before_call(state: HijackState, unswapped: list[nn.Module]):
+    """The UNet pre-hook: record the latent size; refuse recomputes the replay does not manage."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if in_backward() and not getattr(_replays, "depth", 0):
+            raise AttnPatchError(
+                "a UNet call under hijack is being recomputed during backward by a checkpoint "
+                "attnpatch does not manage, so its controller cannot replay the right step. Use "
+                "ddim_denoise(..., checkpoint=True), unet.enable_gradient_checkpointing() before "
+                "entering hijack, or attnpatch.hooks.checkpoint(fn, ..., module=unet)"
+            )
+        if torch.is_grad_enabled() and any(b.gradient_checkpointing for b in unswapped):
+            raise AttnPatchError(
+                "unet.enable_gradient_checkpointing() was called inside `with hijack(...)`, so "
+                "its recomputes would bypass the controller's replay; call it before entering "
+                "the block"
+            )
+        sample = args[0] if args else kwargs.get("sample")
+        if sample is not None and getattr(sample, "ndim", 0) == 4:
+            state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+
+    return hook
+
+
+def _after_call(controller: AttentionControl):
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        controller.step_end()
+
+    return hook
+
+
+# ----------------------------------------------------------------------------- replay
+
+
+#: How many replays are active on this thread (a recompute runs on the thread that runs the
+#: backward node, and so do the replay's enter, the UNet's hooks and the replay's exit).
+_replays = threading.local()
+
+
+class _Replay:
+    """Re-installs forward-time processors and replays hijack states around a recompute."""
+
+    def __init__(self, module: nn.Module):
+        self.processors = [(m, m.processor) for _, m in attention_modules(module)]
+        states: dict[int, HijackState] = {}
+        for _, proc in self.processors:
+            for p in _chain(proc):
+                states.setdefault(id(p.state), p.state)
+        self.states = [(s, s.controller.cur_step, s.latent_hw) for s in states.values()]
+        self._stack: contextlib.ExitStack | None = None
+
+    def __enter__(self) -> _Replay:
+        stack = contextlib.ExitStack()
+        try:
+            for module, proc in self.processors:
+                current = module.processor
+                if current is not proc:
+                    module.set_processor(proc)
+                    stack.callback(module.set_processor, current)
+            for state, step, latent_hw in self.states:
+                stack.callback(setattr, state, "latent_hw", state.latent_hw)
+                state.latent_hw = latent_hw
+                stack.enter_context(state.controller.replaying(step))
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        _replays.depth = getattr(_replays, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            _replays.depth -= 1
+            stack.close()
+
+
+def checkpoint(fn: Callable[..., Any], *args: Any, module: nn.Module, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` under non-reentrant activation checkpointing, replay-safe.
+
+    ``module`` is the model whose attention processors must be the same in the recompute as in
+    the forward pass (usually the UNet that ``fn`` calls); any hijack active at forward time is
+    replayed (see the module docstring). Values and gradients equal those of a plain call;
+    memory holds only ``fn``'s inputs and outputs until backward.
+    """
+
+    def context_fn() -> tuple[Any, Any]:
+        return contextlib.nullcontext(), _Replay(module)
+
+    return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def _replaying_checkpoint(block: nn.Module, *args: Any) -> Any:
+    """diffusers' ``_gradient_checkpointing_func(block, *args)``, with the replay."""
+    return checkpoint(block.__call__, *args, module=block)

@@ -1,0 +1,527 @@
+"""``attnpatch doctor``: the seed's checklist and failure classification, as measurements.
+
+It runs a few instrumented iterations of the configured pipeline — the trainer's own loop,
+observed through its hooks — and prints one line per check: PASS / FAIL / WARN with the
+measured value. Every FAIL names the seed's cause it points to and a fix.
+
+The seed's checklist it covers: loss backward / optimizer step / grad zero; image range
+[-1, 1] in the diffusion pipeline; RGB and CHW in classifier and diffusion pipeline; hijack
+removed after the attention maps; the losses logged separately; gradient enabled through DDIM
+inversion; gradient flow through the denoise process. Its failure classification: loss does
+not change -> grad flow / hijack hook / requires_grad; patch does not update -> grad zeroed /
+loss backward / counter.
+
+The doctor leaves the trainer as it found it: patch, optimizer state, gradient, counters and
+torch's RNG state are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import AttnPatchError
+from ..hooks import attention_modules, is_hijacked
+from ..images import CLASSIFIER_RANGE, DIFFUSION_RANGE, check_image
+from .trainer import Forward, PatchTrainer
+
+__all__ = ["Check", "Report", "diagnose", "doctor"]
+
+PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
+
+# The seed's causes, quoted, with the fix for each.
+CAUSES = {
+    "grad_flow": ("loss doesn't change: check grad flow", "remove .detach()/no_grad on this path"),
+    "hijack": (
+        "loss doesn't change: check hijack hook",
+        "run ddim_denoise inside `with hijack(unet, store):`",
+    ),
+    "requires_grad": (
+        "loss doesn't change: check requires_grad",
+        "keep patch.pixels.requires_grad True (it is the parameter)",
+    ),
+    "zero_grad": (
+        "patch doesn't update: check gradient zero",
+        "call optimizer.zero_grad() only right after optimizer.step()",
+    ),
+    "backward": (
+        "patch doesn't update: check loss backward",
+        "call loss.backward() every iteration",
+    ),
+    "counter": (
+        "patch doesn't update: check counter update",
+        "counter += 1 each iteration; step and reset it when it reaches K",
+    ),
+    "range": (
+        "check image range [-1, 1] in diffusion pipeline",
+        "classifier side [0, 1]; to_diffusion_input() maps to [-1, 1]",
+    ),
+    "layout": (
+        "check RGB and CHW in classifier and diffusion pipeline",
+        "pass (B, 3, H, W) RGB: x.permute(0, 3, 1, 2) for channels-last",
+    ),
+    "remove_hijack": (
+        "REMOVE hijack after attention map calculation",
+        "use `with hijack(...)`, which restores the processors on exit",
+    ),
+    "frozen": (
+        "frozen models must get no gradient",
+        "model.eval().requires_grad_(False) for classifier, UNet, VAE, text encoder",
+    ),
+    "losses": (
+        "print three kinds of loss separately",
+        "add each term to LossTerms under its own name",
+    ),
+}
+
+
+@dataclass
+class Check:
+    """One line of the report."""
+
+    name: str
+    status: str
+    value: str
+    cause: str = ""
+
+    def line(self) -> str:
+        text = f"{self.status}  {self.name:<42} {self.value}"
+        if self.status != PASS and self.cause in CAUSES:
+            why, fix = CAUSES[self.cause]
+            text += f"\n      -> seed: {why}. Fix: {fix}."
+        return text
+
+
+@dataclass
+class Report:
+    """All checks, in order."""
+
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, status: str, value: str, cause: str = "") -> Check:
+        check = Check(name, status, value, cause)
+        self.checks.append(check)
+        return check
+
+    def __getitem__(self, name: str) -> Check:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(f"no check named {name!r}; checks: {[c.name for c in self.checks]}")
+
+    @property
+    def ok(self) -> bool:
+        return all(c.status != FAIL for c in self.checks)
+
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.status == FAIL]
+
+    def __str__(self) -> str:
+        n = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
+        lines = [c.line() for c in self.checks]
+        lines.append(f"{n[PASS]} passed, {n[WARN]} warnings, {n[FAIL]} failed")
+        return "\n".join(lines)
+
+
+def _norm(t: torch.Tensor | None) -> float:
+    return 0.0 if t is None else float(t.detach().float().norm())
+
+
+def _fmt_range(x: torch.Tensor) -> str:
+    x = x.detach()
+    return f"{tuple(x.shape)} in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
+
+
+def _image_check(
+    report: Report, name: str, x: torch.Tensor, value_range: tuple[float, float]
+) -> bool:
+    try:
+        check_image(x.detach(), value_range, name=name)
+    except AttnPatchError as e:
+        cause = "layout" if ("channels" in str(e) or "4-D" in str(e)) else "range"
+        report.add(name, FAIL, str(e).split(";")[0][:110], cause)
+        return False
+    report.add(name, PASS, _fmt_range(x))
+    return True
+
+
+class _Observer:
+    """Collects what the trainer's hooks show during the doctor's iterations."""
+
+    def __init__(self, trainer: PatchTrainer):
+        self.trainer = trainer
+        self.grad_before_backward: list[float] = []
+        self.grad_after_backward: list[float] = []
+        self.backward_changed: list[bool] = []
+        self._before: torch.Tensor | None = None
+        self.counters: list[int] = []
+        self.stepped: list[bool] = []
+        self.patch_changed: list[bool] = []
+        self.terms: list[dict[str, float | None]] = []
+        self.first: Forward | None = None
+        self._pixels = trainer.patch.pixels.detach().clone()
+
+    def on_forward(self, trainer: PatchTrainer, fwd: Forward) -> None:
+        grad = trainer.patch.pixels.grad
+        self.grad_before_backward.append(_norm(grad))
+        self._before = None if grad is None else grad.detach().clone()
+        if self.first is None:
+            self.first = fwd
+
+    def on_backward(self, trainer: PatchTrainer, fwd: Forward) -> None:
+        grad = trainer.patch.pixels.grad
+        self.grad_after_backward.append(_norm(grad))
+        before = self._before
+        changed = grad is not None and (before is None or not torch.equal(grad, before))
+        self.backward_changed.append(changed)
+
+    def on_iteration(self, trainer: PatchTrainer, fwd: Forward, stepped: bool) -> None:
+        self.counters.append(trainer.counter)
+        self.stepped.append(stepped)
+        pixels = trainer.patch.pixels.detach()
+        self.patch_changed.append(not torch.equal(pixels, self._pixels))
+        self._pixels = pixels.clone()
+        self.terms.append(fwd.terms.as_dict())
+
+
+def diagnose(trainer: PatchTrainer, *, iterations: int | None = None) -> Report:
+    """Run ``iterations`` (default ``K + 1``) instrumented iterations of ``trainer`` and check.
+
+    The trainer is restored afterwards (patch, optimizer, gradient, counters, RNG).
+    """
+    report = Report()
+    K = trainer.config.train.accumulate
+    n = iterations if iterations is not None else K + 1
+    saved = _snapshot(trainer)
+    try:
+        _static_checks(report, trainer)
+        _first_forward(report, trainer)
+        _loop_checks(report, trainer, n, K)
+    except _Stop:
+        pass
+    finally:
+        _restore(trainer, saved)
+    return report
+
+
+def _static_checks(report: Report, trainer: PatchTrainer) -> None:
+    pixels = trainer.patch.pixels
+    if pixels.requires_grad:
+        report.add("requires_grad: patch", PASS, f"patch {tuple(pixels.shape)} is trainable")
+    else:
+        report.add(
+            "requires_grad: patch", FAIL, "patch.pixels.requires_grad is False", "requires_grad"
+        )
+    in_opt = any(p is pixels for g in trainer.optimizer.param_groups for p in g["params"])
+    report.add(
+        "optimizer holds the patch",
+        PASS if in_opt else FAIL,
+        "patch.pixels in optimizer.param_groups"
+        if in_opt
+        else "the optimizer does not update the patch",
+        "backward",
+    )
+
+
+def _models(trainer: PatchTrainer) -> dict[str, torch.nn.Module]:
+    parts = trainer.parts
+    models = {"classifier": trainer.classifier, "unet": parts.unet, "vae": parts.vae}
+    for i, enc in enumerate(getattr(parts, "text_encoders", (parts.text_encoder,))):
+        models[f"text_encoder{'' if i == 0 else '_2'}"] = enc
+    return models
+
+
+def _first_forward(report: Report, trainer: PatchTrainer) -> None:
+    """One forward + gradient analysis, outside the loop (the loop repeats it)."""
+    from ..data import batch_indices, batches
+
+    cfg = trainer.config
+    _, images, labels = next(
+        iter(
+            batches(trainer.data, cfg.data.batch_size, seed=cfg.train.seed, start=trainer.iteration)
+        )
+    )
+    if not _image_check(report, "training images", images, CLASSIFIER_RANGE):
+        raise _Stop
+    before = {name: m.processor for name, m in attention_modules(trainer.parts.unet)}
+    indices = batch_indices(
+        len(trainer.data), cfg.data.batch_size, trainer.iteration, seed=cfg.train.seed
+    )
+    try:
+        fwd = trainer.forward(images, labels, indices)
+    except AttnPatchError as e:
+        msg = str(e)
+        if "recorded" in msg and "hijack" in msg:
+            report.add("hijack during denoising", FAIL, "no attention maps were recorded", "hijack")
+        elif "channels" in msg or "must lie in" in msg:  # a check_image inside the pipeline
+            cause = "layout" if "channels" in msg else "range"
+            report.add("images inside the pipeline", FAIL, msg[:110], cause)
+        else:
+            report.add("forward pass", FAIL, msg[:140], "grad_flow")
+        raise _Stop from None
+    _image_check(report, "classifier input", fwd.patched, CLASSIFIER_RANGE)
+    res = fwd.attention
+    if res is not None:
+        _image_check(report, "diffusion input", res.diffusion_input, DIFFUSION_RANGE)
+        k = trainer.attention.num_steps
+        steps = res.cross.num_steps
+        ok = steps == k
+        report.add(
+            "hijack during denoising",
+            PASS if ok else FAIL,
+            f"maps recorded at {steps} UNet calls (denoising runs {k})",
+            "hijack",
+        )
+    after = {name: m.processor for name, m in attention_modules(trainer.parts.unet)}
+    restored = not is_hijacked(trainer.parts.unet) and all(after[k] is before[k] for k in before)
+    report.add(
+        "hijack removed after the maps",
+        PASS if restored else FAIL,
+        f"{len(before)} processors are the originals"
+        if restored
+        else "controlled processors left installed",
+        "remove_hijack",
+    )
+    _gradient_flow(report, trainer, fwd)
+    names = [n for n, v in fwd.terms.as_dict().items() if v is not None and n != "total"]
+    report.add(
+        "loss terms logged separately",
+        PASS if names else FAIL,
+        ", ".join(names) or "none",
+        "losses",
+    )
+
+
+def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
+    """Which tensors each active loss term reaches, with non-zero gradient."""
+    res = fwd.attention
+    stages: dict[str, torch.Tensor] = {"patch": trainer.patch.pixels, "patched image": fwd.patched}
+    term_fns: dict[str, Callable[[], torch.Tensor]] = {}
+    weights = trainer.weights
+    if weights["classifier"]:
+        term_fns["classifier"] = lambda: trainer.classifier_term(fwd.logits, fwd.targets)
+    if res is not None:
+        stages.update(
+            {
+                "diffusion input": res.diffusion_input,
+                "VAE latent": res.z0,
+                "inverted latent": res.zT,
+            }
+        )
+        cross = res.cross_maps(trainer.attention.cross_resolution)
+        stages["cross-attention maps"] = cross
+        self_maps = res.self_maps()
+        if self_maps:  # the first layer's maps stand for all
+            stages["self-attention maps"] = next(iter(self_maps.values()))
+        if weights["cross_attention"]:
+            term_fns["cross_attention"] = lambda: trainer.cross_attention_term(
+                cross, fwd.mask, fwd.labels
+            )
+        if weights["self_attention"]:
+            from ..losses import self_attention_structure
+
+            ref = trainer.references(fwd.images, fwd.labels, fwd.indices)  # cached
+            term_fns["self_attention"] = lambda: self_attention_structure(self_maps, ref)
+    expected = {
+        "patch": set(term_fns),
+        "patched image": set(term_fns),
+        "diffusion input": {"cross_attention", "self_attention"},
+        "VAE latent": {"cross_attention", "self_attention"},
+        "inverted latent": {"cross_attention", "self_attention"},
+        "cross-attention maps": {"cross_attention"},
+        "self-attention maps": {"self_attention"},
+    }
+    reached: dict[str, dict[str, float]] = {s: {} for s in stages}
+    for term, fn in term_fns.items():
+        value = fn()
+        if not value.requires_grad:
+            for s in stages:
+                reached[s][term] = 0.0
+            continue
+        names = [s for s in stages if stages[s].requires_grad]
+        grads = torch.autograd.grad(
+            value, [stages[s] for s in names], retain_graph=True, allow_unused=True
+        )
+        for s in stages:
+            reached[s][term] = 0.0
+        for s, g in zip(names, grads):
+            reached[s][term] = _norm(g)
+    for stage, tensor in stages.items():
+        want = expected[stage] & set(term_fns)
+        if not want:
+            continue
+        missing = [t for t in sorted(want) if not reached[stage].get(t)]
+        if not tensor.requires_grad:
+            report.add(
+                f"gradient flow: {stage}",
+                FAIL,
+                "does not require grad (detached upstream)",
+                "requires_grad" if stage == "patch" else "grad_flow",
+            )
+        elif missing:
+            report.add(
+                f"gradient flow: {stage}",
+                FAIL,
+                f"no gradient from {', '.join(missing)}",
+                "grad_flow",
+            )
+        else:
+            norms = ", ".join(f"{t} {reached[stage][t]:.2e}" for t in sorted(want))
+            report.add(f"gradient flow: {stage}", PASS, f"|grad| {norms}")
+    if res is not None:
+        # the denoise process itself must be differentiable (the seed's last danger item)
+        ok = res.denoised.requires_grad
+        if ok:
+            (g,) = torch.autograd.grad(
+                res.denoised.float().square().mean(), [res.zT], retain_graph=True, allow_unused=True
+            )
+            ok = _norm(g) > 0
+        report.add(
+            "gradient flow: denoised latent",
+            PASS if ok else FAIL,
+            "d(denoised)/d(inverted latent) is non-zero" if ok else "the denoise loop is detached",
+            "grad_flow",
+        )
+    total = fwd.terms.total()
+    if total.requires_grad:
+        total.backward()
+    leaked = [
+        n
+        for n, m in _models(trainer).items()
+        if any(p.grad is not None or p.requires_grad for p in m.parameters())
+    ]
+    training = [n for n, m in _models(trainer).items() if m.training]
+    if leaked or training:
+        value = "; ".join(
+            x
+            for x in (
+                f"weights with grad: {leaked}" if leaked else "",
+                f"in train mode: {training}" if training else "",
+            )
+            if x
+        )
+        report.add("frozen models", FAIL, value, "frozen")
+    else:
+        report.add("frozen models", PASS, f"{', '.join(_models(trainer))}: eval, no grad")
+    trainer.patch.pixels.grad = None
+
+
+class _Stop(Exception):
+    """A check failed in a way that makes the following ones meaningless."""
+
+
+def _loop_checks(report: Report, trainer: PatchTrainer, n: int, K: int) -> None:
+    obs = _Observer(trainer)
+    hooks = [
+        ("forward", obs.on_forward),
+        ("backward", obs.on_backward),
+        ("iteration", obs.on_iteration),
+    ]
+    for event, fn in hooks:
+        trainer.hooks[event].append(fn)
+    cfg = trainer.config.train
+    old = (cfg.iterations, cfg.checkpoint_every, trainer.out_dir)
+    cfg.iterations, cfg.checkpoint_every, trainer.out_dir = trainer.iteration + n, 0, None
+    try:
+        trainer.train(progress=False)
+    except RuntimeError as e:
+        if "does not require grad" in str(e):
+            report.add("loss.backward()", FAIL, "the total loss has no gradient", "requires_grad")
+        else:
+            report.add("training loop", FAIL, str(e)[:140], "backward")
+        return
+    finally:
+        cfg.iterations, cfg.checkpoint_every, trainer.out_dir = old
+        for event, fn in hooks:
+            trainer.hooks[event].remove(fn)
+    # the counter: 1, 2, ..., K-1, 0, 1, ...
+    start = obs.counters[0] - 1 if obs.counters else 0
+    expected = [(start + i + 1) % K for i in range(n)]
+    report.add(
+        "accumulation counter",
+        PASS if obs.counters == expected else FAIL,
+        f"{obs.counters} (K={K})",
+        "counter",
+    )
+    # backward every iteration: the gradient grows (or appears) at each backward
+    changed = obs.backward_changed
+    norms = ", ".join(
+        f"{b:.2g}/{a:.2g}" for b, a in zip(obs.grad_before_backward, obs.grad_after_backward)
+    )
+    if all(changed):
+        status, value = PASS, f"|grad| before/after backward: {norms}"
+    elif any(changed):  # a zero-gradient iteration (e.g. a CW loss past its margin) can be fine
+        idle = [i for i, c in enumerate(changed) if not c]
+        status, value = WARN, f"backward added nothing at iteration(s) {idle}; |grad| {norms}"
+    else:
+        status, value = FAIL, "no backward() changed the patch's gradient"
+    report.add("loss.backward() every iteration", status, value, "backward")
+    # zero_grad only right after a step: the gradient survives between steps
+    zeroed = [
+        i
+        for i, c in enumerate(obs.counters)
+        if i > 0 and obs.counters[i - 1] != 0 and obs.grad_before_backward[i] == 0
+    ]
+    report.add(
+        "gradient accumulates until the step",
+        FAIL if zeroed else PASS,
+        f"gradient zeroed before iteration(s) {zeroed}"
+        if zeroed
+        else "kept between steps, cleared after each",
+        "zero_grad",
+    )
+    right = [changed == stepped for changed, stepped in zip(obs.patch_changed, obs.stepped)]
+    steps_at = [i for i, s in enumerate(obs.stepped) if s]
+    changed_at = [i for i, c in enumerate(obs.patch_changed) if c]
+    report.add(
+        "patch changes exactly at the steps",
+        PASS if all(right) and steps_at else FAIL,
+        f"steps at {steps_at}, patch changed at {changed_at}",
+        "backward" if not changed_at else "counter",
+    )
+    for name in [k for k in obs.terms[0] if k != "total"]:
+        values = [t[name] for t in obs.terms if t.get(name) is not None]
+        if not values:
+            continue
+        varies = max(values) - min(values) > 1e-12 * max(1.0, abs(values[0]))
+        report.add(
+            f"loss {name}",
+            PASS if varies else FAIL,
+            " -> ".join(f"{v:.4g}" for v in (values[0], values[-1]))
+            + ("" if varies else " (constant)"),
+            "grad_flow",
+        )
+
+
+def _snapshot(trainer: PatchTrainer) -> dict[str, Any]:
+    grad = trainer.patch.pixels.grad
+    return {
+        "pixels": trainer.patch.pixels.detach().clone(),
+        "grad": None if grad is None else grad.clone(),
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "counters": (trainer.iteration, trainer.counter, trainer.steps),
+        "rng": torch.get_rng_state(),
+        "references": dict(trainer._references),
+    }
+
+
+def _restore(trainer: PatchTrainer, saved: dict[str, Any]) -> None:
+    with torch.no_grad():
+        trainer.patch.pixels.copy_(saved["pixels"])
+    trainer.patch.pixels.grad = saved["grad"]
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.iteration, trainer.counter, trainer.steps = saved["counters"]
+    torch.set_rng_state(saved["rng"])
+    trainer._references = saved["references"]
+
+
+def doctor(config: Any, *, iterations: int | None = None) -> Report:
+    """Build the configured pipeline (no run folder is written) and :func:`diagnose` it."""
+    from .run import build_trainer
+
+    trainer, _ = build_trainer(config, out_dir=None)
+    return diagnose(trainer, iterations=iterations)

@@ -1,0 +1,248 @@
+"""``attnpatch train``: build everything a config names, train, evaluate, write the run folder.
+
+Run folder (``train.out_dir``)::
+
+    config.json          the resolved config
+    metrics.jsonl        one line per iteration: every loss term separately, the total, success
+    patch.safetensors    the patch (apply it later with `attnpatch apply` or AdversarialPatch.load)
+    patch.png            the patch as an image
+    loss_curves.png      one panel per loss term
+    attention.png        a patched image and its label tokens' cross-attention, per UNet step
+    examples.png         patched held-out images (EOT on)
+    summary.json         the evaluation: clean accuracy, success rate, random-patch control
+    checkpoints/         the latest checkpoint (resume with --resume)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import ImageFolder, ShapesConfig, shapes_dataset
+from ..errors import AttnPatchError
+from ..models import load_classifier, load_diffusion
+from ..patch import EOT, AdversarialPatch
+from . import viz
+from .config import TrainConfig, config_to_dict
+from .evaluate import EvalResult, evaluate_patch
+from .trainer import TERMS, PatchTrainer
+
+__all__ = ["build_trainer", "run_training", "RunResult", "resolve_device"]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_training` produced."""
+
+    out_dir: Path
+    evaluation: EvalResult
+    seconds: float
+    trainer: PatchTrainer
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AttnPatchError(
+            f"models.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'"
+        )
+    return device
+
+
+def _shapes_config(cfg: TrainConfig, seed: int) -> ShapesConfig:
+    d = cfg.data
+    return ShapesConfig(
+        size=d.image_size,
+        train_per_class=d.synthetic_per_class,
+        heldout_per_class=d.synthetic_eval_per_class,
+        seed=seed,
+    )
+
+
+def load_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
+    """(training data, held-out data) as the config names them.
+
+    ``"synthetic"``: the package's shapes, drawn with seed ``train.seed + 1`` so they share no
+    image with the set the tiny classifier was trained on (seed 0).
+    """
+    d = cfg.data
+    shapes = _shapes_config(cfg, cfg.train.seed + 1)
+    train = (
+        shapes_dataset(shapes, "train")
+        if d.train == "synthetic"
+        else ImageFolder(d.train, d.image_size)
+    )
+    held = (
+        shapes_dataset(shapes, "heldout")
+        if d.eval == "synthetic"
+        else ImageFolder(d.eval, d.image_size)
+    )
+    if list(train.classes) != list(held.classes):
+        raise AttnPatchError(
+            f"training classes {list(train.classes)} differ from held-out classes "
+            f"{list(held.classes)}; use folders with the same class subfolders"
+        )
+    if len(train) == 0 or len(held) == 0:
+        raise AttnPatchError("a data set is empty; check data.train and data.eval")
+    return train, held
+
+
+def build_patch(cfg: TrainConfig, device: torch.device) -> AdversarialPatch:
+    """The patch the config describes, initialised from ``train.seed``."""
+    p = cfg.patch
+    eot = EOT(
+        enabled=True,
+        degrees=p.degrees,
+        scale=tuple(p.eot_scale),
+        translate=p.translate,
+        distortion=p.distortion,
+        contrast=tuple(p.contrast),
+        brightness=p.brightness,
+        noise=p.noise,
+    )
+    return AdversarialPatch(
+        p.size,
+        shape=p.shape,
+        init=p.init,
+        scale=tuple(p.scale) if p.scale else None,
+        position=p.position,
+        eot=eot,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    ).to(device)
+
+
+def build_trainer(
+    cfg: TrainConfig, out_dir: str | os.PathLike | None = None
+) -> tuple[PatchTrainer, Any]:
+    """Models, data and patch from the config; returns ``(trainer, held-out data)``."""
+    device = resolve_device(cfg.models.device)
+    train, held = load_datasets(cfg)
+    if cfg.models.classifier == "tiny":
+        classifier = load_classifier(
+            "tiny", config=ShapesConfig(size=cfg.data.image_size), device=device
+        )
+    else:
+        classifier = load_classifier(cfg.models.classifier, device=device)
+    parts = load_diffusion(cfg.models.diffusion, device=device)
+    patch = build_patch(cfg, device)
+    trainer = PatchTrainer(
+        cfg, classifier=classifier, parts=parts, patch=patch, train_data=train, out_dir=out_dir
+    )
+    return trainer, held
+
+
+def _held_tensors(held: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(held, "get_batch"):
+        return held.get_batch(list(range(len(held))))
+    items = [held[i] for i in range(len(held))]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+def run_training(
+    cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, log: Any = print
+) -> RunResult:
+    """Train, evaluate and write the run folder (see the module docstring).
+
+    An existing run in ``train.out_dir`` is continued with ``resume=True``, replaced with
+    ``overwrite=True``, and otherwise left alone (an error says so before any work).
+    """
+    start = time.perf_counter()
+    out = Path(cfg.train.out_dir)
+    if (out / "checkpoints" / "latest").exists() and not resume:
+        if not overwrite:
+            raise AttnPatchError(
+                f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+                "again, or choose another train.out_dir"
+            )
+        shutil.rmtree(out / "checkpoints")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer, held = build_trainer(cfg, out)
+    if resume:
+        trainer.load_checkpoint()
+        log(f"resumed {out} at iteration {trainer.iteration} (counter {trainer.counter})")
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    trainer.train()
+    trainer.save_checkpoint()
+    patch = trainer.patch
+    patch.save(out / "patch.safetensors", extra={"config": json.dumps(config_to_dict(cfg))})
+    viz.save(patch.to_image().resize((patch.size[1] * 8, patch.size[0] * 8), 0), out / "patch.png")
+    images, labels = _held_tensors(held)
+    target = trainer.target
+    result = evaluate_patch(
+        trainer.classifier,
+        patch,
+        images,
+        trainer.label_map[labels],  # classifier output indices
+        target=target,
+        eot_samples=cfg.eval.eot_samples,
+        seed=cfg.train.seed,
+    )
+    write_figures(trainer, images, labels, out)
+    seconds = time.perf_counter() - start
+    summary = {
+        **result.to_dict(),
+        "iterations": trainer.iteration,
+        "optimizer_steps": trainer.steps,
+    }
+    summary["seconds"] = round(seconds, 2)
+    summary["classes"] = trainer.classes
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(out, result, seconds, trainer)
+
+
+def write_figures(
+    trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor, out: Path
+) -> None:
+    """loss_curves.png, examples.png and attention.png."""
+    records = [
+        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    viz.save(viz.loss_curves(records, [*TERMS, "total"]), out / "loss_curves.png")
+    n = min(trainer.config.eval.examples, len(images))
+    g = torch.Generator().manual_seed(trainer.config.train.seed)
+    device = trainer.patch.pixels.device
+    with torch.no_grad():
+        params = trainer.patch.sample_params(n, tuple(images.shape[-2:]), eot=True, generator=g)
+        patched, _ = trainer.patch(images[:n].to(device), params=params)
+    viz.save(viz.image_grid(patched.cpu(), nrow=8), out / "examples.png")
+    attention_heatmaps(trainer, patched[:1], labels[:1], out / "attention.png")
+
+
+def attention_heatmaps(
+    trainer: PatchTrainer, patched: torch.Tensor, labels: torch.Tensor, path: Path
+) -> None:
+    """The label tokens' cross-attention over one patched image, per denoising step."""
+    from ..diffusion import AttentionPipeline
+
+    pipe = trainer.attention
+    if pipe is None:  # attention losses off: build a pipeline just for the figure
+        a = trainer.config.attention
+        pipe = AttentionPipeline(
+            trainer.parts,
+            num_inference_steps=a.num_inference_steps,
+            num_steps=a.num_steps,
+            image_size=a.diffusion_size or trainer.config.data.image_size,
+        )
+    label = int(labels[0])
+    tokens = trainer.tokens[label]
+    with torch.no_grad():
+        result = pipe(patched, [trainer.prompts[label]], per_step=True)
+    res = pipe.cross_resolution
+    steps = result.cross.step_maps("cross", res)
+    maps = [(f"step {s}", m[-1, ..., tokens].mean(-1)) for s, m in steps.items()]
+    maps.append(("mean", result.cross_maps(res)[0, ..., tokens].mean(-1)))
+    word = trainer.classes[label]
+    figure = viz.attention_figure(patched[0].cpu(), [(f"'{word}' {t}", m.cpu()) for t, m in maps])
+    viz.save(figure, path)
