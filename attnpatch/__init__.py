@@ -18,6 +18,7 @@ layer's surface), and a sub-package imports only from the layers below it::
 """
 
 from . import losses
+from ._version import __version__ as __version__
 from .diffusion import (
     AttentionPipeline,
     ddim_denoise,
@@ -41,8 +42,6 @@ from .images import check_image, to_diffusion_input
 from .models import load_classifier, load_diffusion
 from .patch import EOT, AdversarialPatch, apply_patch
 from .training import PatchTrainer, TrainConfig, evaluate_patch
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AttnPatchError",

@@ -45,8 +45,8 @@ def as_pair(value: Any, name: str = "size", *, minimum: int = 1) -> tuple[int, i
     if len(pair) != 2 or not all(_is_int(v) for v in pair) or min(pair) < minimum:
         what = "positive int" if minimum == 1 else f"int >= {minimum}"
         raise AttnPatchError(
-            f"{name} must be a {what} or an (h, w) pair of them, got {value!r}; pass e.g. "
-            f"{name.replace(' ', '_')}=64 or (64, 48)"
+            f"{name} must be a {what} or a (height, width) pair of {what}s, got {value!r}; "
+            f"pass e.g. {name.replace(' ', '_')}=64 or (64, 48)"
         )
     return int(pair[0]), int(pair[1])
 

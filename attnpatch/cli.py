@@ -1,4 +1,8 @@
-"""The ``attnpatch`` command line: ``trace`` (more subcommands register themselves below)."""
+"""The ``attnpatch`` command line: ``train``, ``apply``, ``doctor``, ``trace``.
+
+Each verb is a ``_cmd_<verb>(args)`` function and a ``_add_<verb>(subparsers)`` that declares
+its flags; :func:`build_parser` lists them. A new verb is one more such pair.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +22,14 @@ def _trace_unet(spec: str):
     tiny["tiny-sdxl"] = ("sdxl", False)
     if spec in tiny:
         variant, deep = tiny[spec]
-        return testing.tiny_unet(variant, deep=deep), 8
+        return testing.tiny_unet(variant, deep=deep)
     if spec in testing.REFERENCE_UNET_CONFIGS:
-        return testing.reference_unet(spec, device="meta"), 8
+        return testing.reference_unet(spec, device="meta")
     if os.path.isdir(spec):
         from diffusers import UNet2DConditionModel
 
         sub = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
-        return UNet2DConditionModel.from_pretrained(sub, local_files_only=True), 8
+        return UNet2DConditionModel.from_pretrained(sub, local_files_only=True)
     raise AttnPatchError(
         f"unknown model {spec!r} for trace: use tiny, tiny-deep, tiny-sd2, tiny-sdxl, "
         f"{', '.join(testing.REFERENCE_UNET_CONFIGS)} (architectures on the meta device), or a "
@@ -36,7 +40,7 @@ def _trace_unet(spec: str):
 def _cmd_trace(args: argparse.Namespace) -> int:
     from .hooks import format_sites, summarize_sites, trace_attention
 
-    unet, _ = _trace_unet(args.model)
+    unet = _trace_unet(args.model)
     latent = args.latent
     if latent is not None and "x" in latent:
         h, w = (int(v) for v in latent.lower().split("x"))
@@ -52,12 +56,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attnpatch",
-        description="Adversarial patches guided by a Stable Diffusion UNet's attention.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_trace(sub) -> None:
     trace = sub.add_parser("trace", help="table of every attention site of a UNet")
     trace.add_argument(
         "--model",
@@ -71,14 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--summary", action="store_true", help="only the per-resolution summary")
     trace.add_argument("--markdown", action="store_true", help="markdown table")
     trace.set_defaults(func=_cmd_trace)
-    for register in _SUBCOMMANDS:
-        register(sub)
-    return parser
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import run_training
-    from .training.config import apply_flags, load_config
+    from .training import apply_flags, load_config, run_training
 
     cfg = load_config(args.config, apply_flags(args))
     if args.quiet:
@@ -104,7 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .training.config import add_config_flags
+    from .training import add_config_flags
 
     train = sub.add_parser(
         "train",
@@ -122,7 +117,8 @@ def _add_train(sub) -> None:
 
 
 def _image_files(paths: list[str]) -> list[str]:
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    from .data import IMAGE_EXTENSIONS as exts
+
     files: list[str] = []
     for p in paths:
         if os.path.isdir(p):
@@ -138,24 +134,21 @@ def _image_files(paths: list[str]) -> list[str]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
+    from .data import read_image
+    from .images import save_image
     from .patch import AdversarialPatch
-    from .training.viz import save, to_pil
 
     patch = AdversarialPatch.load(args.patch)
     os.makedirs(args.out, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)
     for path in _image_files(args.images):
-        with Image.open(path) as im:
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
+        x = read_image(path)[None]
         with torch.no_grad():
             patched, _ = patch(x, eot=args.eot, generator=g)
         dest = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_patched.png")
-        save(to_pil(patched[0]), dest)
+        save_image(patched[0], dest)
         print(dest)
     return 0
 
@@ -173,8 +166,7 @@ def _add_apply(sub) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .training import doctor
-    from .training.config import apply_flags, load_config
+    from .training import apply_flags, doctor, load_config
 
     cfg = load_config(args.config, apply_flags(args))
     cfg.train.progress = False
@@ -184,11 +176,11 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_doctor(sub) -> None:
-    from .training.config import add_config_flags
+    from .training import add_config_flags
 
     doc = sub.add_parser(
         "doctor",
-        help="run a few instrumented iterations and check the seed's checklist",
+        help="run a few instrumented iterations and check the pipeline checklist",
         description="Checks gradient flow, the hijack, image ranges/layouts, every loss term, the "
         "accumulation counter and patch updates. Exit status 1 if a check fails.",
     )
@@ -198,8 +190,15 @@ def _add_doctor(sub) -> None:
     doc.set_defaults(func=_cmd_doctor)
 
 
-#: Functions ``register(subparsers)`` adding further subcommands.
-_SUBCOMMANDS: list = [_add_train, _add_apply, _add_doctor]
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnpatch",
+        description="Adversarial patches guided by a Stable Diffusion UNet's attention.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_apply, _add_doctor, _add_trace):
+        add(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

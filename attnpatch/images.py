@@ -1,4 +1,4 @@
-"""Image-format checks and the classifier-side -> diffusion-side conversion.
+"""Image-format checks, the classifier-side -> diffusion-side conversion, and 8-bit output.
 
 Two conventions meet in this library:
 
@@ -7,19 +7,31 @@ Two conventions meet in this library:
 * diffusion side: ``(B, 3, H, W)`` float RGB in [-1, 1], ``H`` and ``W`` multiples of the VAE's
   downsampling factor (8 for SD, 2 for the tiny VAE).
 
-:func:`check_image` guards both; :func:`to_diffusion_input` converts, differentiably.
+:func:`check_image` guards both; :func:`to_diffusion_input` converts, differentiably;
+:func:`to_pil` / :func:`save_image` turn a classifier-side image into 8-bit pixels.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._util import as_pair, atomic_write
 from .errors import AttnPatchError
 
-__all__ = ["check_image", "to_diffusion_input", "resize", "CLASSIFIER_RANGE", "DIFFUSION_RANGE"]
+__all__ = [
+    "check_image",
+    "to_diffusion_input",
+    "resize",
+    "to_pil",
+    "save_image",
+    "CLASSIFIER_RANGE",
+    "DIFFUSION_RANGE",
+]
 
 CLASSIFIER_RANGE = (0.0, 1.0)
 DIFFUSION_RANGE = (-1.0, 1.0)
@@ -125,26 +137,6 @@ def check_image(
     return x
 
 
-def _size_pair(size: int | tuple[int, int] | None, default: tuple[int, int]) -> tuple[int, int]:
-    if size is None:
-        return default
-    if isinstance(size, int) and not isinstance(size, bool):
-        pair: tuple = (size, size)
-    else:
-        try:
-            pair = tuple(size)
-        except TypeError:
-            pair = ()
-    if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
-        raise AttnPatchError(
-            f"size must be an int or a (height, width) pair of ints, got {size!r}; "
-            "pass e.g. size=512 or size=(512, 768)"
-        )
-    if min(pair) < 1:
-        raise AttnPatchError(f"size must be positive, got {size!r}; pass e.g. size=512")
-    return pair  # type: ignore[return-value]
-
-
 def to_diffusion_input(
     images: torch.Tensor,
     size: int | tuple[int, int] | None = None,
@@ -175,7 +167,7 @@ def to_diffusion_input(
             f"multiple must be a positive int (the VAE factor), got {multiple!r}; pass "
             "multiple=attnpatch.vae.vae_scale_factor(vae)"
         )
-    h, w = _size_pair(size, tuple(images.shape[-2:]))
+    h, w = tuple(images.shape[-2:]) if size is None else as_pair(size, "size")
     h = -(-h // multiple) * multiple
     w = -(-w // multiple) * multiple
     return resize(images, (h, w)) * 2.0 - 1.0
@@ -197,3 +189,31 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     y = x.float() if upcast else x
     y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
     return y.to(x.dtype) if upcast else y
+
+
+def to_pil(image: torch.Tensor):
+    """``(3, H, W)`` RGB or ``(4, H, W)`` RGBA in [0, 1] -> an 8-bit PIL image (``W x H``),
+    each value clamped to [0, 1] and rounded to the nearest of 0..255.
+
+    >>> to_pil(torch.ones(3, 2, 4)).size, to_pil(torch.zeros(4, 2, 2)).mode
+    ((4, 2), 'RGBA')
+    """
+    from PIL import Image
+
+    if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] not in (3, 4):
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise AttnPatchError(
+            f"to_pil takes one (3, H, W) or (4, H, W) image in [0, 1], got {got}; index a batch "
+            "with images[i]"
+        )
+    x = image.detach().to("cpu", torch.float32).clamp(0, 1)
+    array = (x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write ``image`` (see :func:`to_pil`) as a PNG, atomically: a reader sees the old file or
+    the new one, never half of one."""
+    pil = to_pil(image)
+    with atomic_write(path) as tmp:
+        pil.save(tmp, format="PNG")

@@ -1,7 +1,8 @@
 """Tiny, offline, deterministic models for trying the library and for tests.
 
-A re-export of :mod:`attnpatch.models.tiny` (the builders live in the model layer, beside the
-registry that names them): tiny SD stacks (``tiny_sd("sd15" | "sd2" | "sdxl")``), their
+A re-export of :mod:`attnpatch.models.tiny` and :mod:`attnpatch.models.shapes_classifier` (the
+builders live in the model layer, beside the registry that names them): tiny SD stacks
+(``tiny_sd("sd15" | "sd2" | "sdxl")``, a :class:`~attnpatch.diffusion.DiffusionParts`), their
 components, the tiny classifier, ``mid_unet()`` for CPU benchmarks and ``reference_unet()`` for
 real models' architectures on the meta device.
 
@@ -10,16 +11,14 @@ real models' architectures on the meta device.
 True
 """
 
+from .models.shapes_classifier import TinyClassifier, tiny_classifier
 from .models.tiny import (
     REFERENCE_UNET_CONFIGS,
     VARIANTS,
     VOCAB_WORDS,
-    TinyClassifier,
-    TinySD,
     mid_unet,
     reference_unet,
     save_tiny_sd,
-    tiny_classifier,
     tiny_scheduler,
     tiny_sd,
     tiny_text_encoder,
@@ -29,7 +28,6 @@ from .models.tiny import (
 )
 
 __all__ = [
-    "TinySD",
     "tiny_sd",
     "tiny_unet",
     "tiny_vae",

@@ -89,7 +89,7 @@ def child(steps: int, checkpoint: bool, size: int, guidance: float, repeats: int
 
     import torch
 
-    from attnpatch.diffusion.ddim import ddim_denoise, ddim_invert
+    from attnpatch.diffusion import ddim_denoise, ddim_invert
     from attnpatch.testing import mid_unet, tiny_scheduler
 
     torch.manual_seed(0)

@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from kornia.constants import DataKey
 from timing import min_median_ms
 
-from attnpatch.patch.eot import EOT, EOTDraw, eot_matrix
-from attnpatch.patch.patch import AdversarialPatch, PatchParams, apply_patch
+from attnpatch.patch import EOT, AdversarialPatch, EOTDraw, PatchParams, apply_patch, eot_matrix
 
 torch.set_num_threads(1)
 

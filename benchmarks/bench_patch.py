@@ -5,7 +5,7 @@ import sys
 import torch
 from timing import min_median_ms
 
-from attnpatch.patch.patch import AdversarialPatch
+from attnpatch.patch import AdversarialPatch
 
 torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from attnpatch.errors import AttnPatchError
-from attnpatch.images import check_image, to_diffusion_input
+from attnpatch.images import check_image, save_image, to_diffusion_input, to_pil
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):
@@ -23,9 +23,15 @@ def test_valid_batches_pass_and_are_returned_as_is():
     assert check_image(x) is x
     y = x * 2 - 1
     assert check_image(y, (-1, 1)) is y
-    assert check_image(x.half()) is not None
-    assert check_image(torch.full((1, 3, 2, 2), 1.0 + 5e-5)) is not None  # within tolerance
-    assert check_image(_rand(1, 5, 4, 4), channels=None) is not None
+    for ok in (
+        x.half(),
+        torch.full((1, 3, 2, 2), 1.0 + 5e-5),  # within tolerance
+    ):
+        assert check_image(ok) is ok
+    five = _rand(1, 5, 4, 4)
+    assert check_image(five, channels=None) is five
+    with pytest.raises(AttnPatchError, match="must lie in"):
+        check_image(torch.full((1, 3, 2, 2), 1.0 + 2e-4))  # just past the tolerance
     meta = torch.empty(1, 3, 4, 4, device="meta")
     assert check_image(meta) is meta  # no data to read: shape checks only
 
@@ -150,3 +156,21 @@ def test_bad_arguments(kwargs, needle):
 def test_rejects_diffusion_side_input():
     with pytest.raises(AttnPatchError, match=r"\(x \+ 1\) / 2"):
         to_diffusion_input(_rand(1, 3, 8, 8) * 2 - 1)
+
+
+# ----------------------------------------------------------------------------- 8-bit output
+
+
+def test_to_pil_rounds_and_clamps_to_8_bits(tmp_path):
+    x = torch.tensor([0.0, 0.5, 1.0, 1.7, -0.2, 127.4 / 255]).reshape(1, 1, 6).expand(3, 1, 6)
+    got = np.asarray(to_pil(x))
+    assert got.shape == (1, 6, 3)
+    assert got[0, :, 0].tolist() == [0, 128, 255, 255, 0, 127]  # round-half-even at 127.5
+    rgba = to_pil(torch.cat([x, torch.zeros(1, 1, 6)]))
+    assert rgba.mode == "RGBA" and np.asarray(rgba)[..., 3].max() == 0
+    with pytest.raises(AttnPatchError, match=r"\(3, H, W\)"):
+        to_pil(torch.zeros(1, 3, 2, 2))
+    save_image(x, tmp_path / "x.png")
+    with Image.open(tmp_path / "x.png") as im:
+        assert np.array_equal(np.asarray(im), got)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary file left

@@ -1,22 +1,34 @@
-"""The data layer: labelled image sets, a resumable batch order, the synthetic shapes world."""
+"""The data layer: labelled image sets, a resumable batch order, the synthetic shapes world.
 
+Every image is classifier-side: ``(3, H, W)`` float RGB in [0, 1] (a batch is ``(B, 3, H, W)``),
+with an ``int`` label indexing ``dataset.classes``.
+
+* :class:`ImageFolder` reads a folder with one subfolder per class, or a CSV of ``path,label``;
+  :class:`TensorImageDataset` is an in-memory set; :func:`write_image_folder` writes any set
+  out as an image folder; :func:`read_image` reads one file (:mod:`attnpatch.data.folder`).
+* :func:`batches` yields ``(iteration, images, labels)`` in an order that depends only on
+  ``(seed, iteration)``, never on torch's global RNG, so a resumed run sees exactly the batches
+  an uninterrupted one would (:mod:`attnpatch.data.batching`).
+* :class:`ShapesConfig` / :func:`shapes_dataset` generate the embedded demo's labelled images
+  (coloured shapes on textured backgrounds; no downloads) (:mod:`attnpatch.data.shapes`).
+
+>>> train = shapes_dataset(ShapesConfig(train_per_class=2, heldout_per_class=1))
+>>> train.classes
+['circle', 'cross', 'square', 'star', 'triangle']
+>>> it, images, labels = next(batches(train, 4, seed=0))
+>>> it, tuple(images.shape), tuple(labels.shape)
+(0, (4, 3, 32, 32), (4,))
+"""
+
+from .batching import batch_indices, batches, batches_per_epoch
 from .folder import (
-    DEFAULT_TEMPLATE,
     IMAGE_EXTENSIONS,
-    SHAPE_CLASSES,
-    SHAPES,
     ImageFolder,
-    ShapesConfig,
     TensorImageDataset,
-    batch_indices,
-    batches,
-    batches_per_epoch,
-    prompt_for,
-    prompts_for,
-    render_shapes,
-    shapes_dataset,
+    read_image,
     write_image_folder,
 )
+from .shapes import SHAPE_CLASSES, SHAPES, ShapesConfig, render_shapes, shapes_dataset
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -31,7 +43,5 @@ __all__ = [
     "shapes_dataset",
     "render_shapes",
     "write_image_folder",
-    "prompt_for",
-    "prompts_for",
-    "DEFAULT_TEMPLATE",
+    "read_image",
 ]

@@ -12,8 +12,9 @@ from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
 from .parts import DiffusionParts
 from .pipeline import AttentionPipeline, AttentionResult
 from .prompts import (
+    PROMPT_TEMPLATE,
     PromptEmbeds,
-    cached_embeddings,
+    class_prompt,
     encode_prompt,
     sdxl_added_cond_kwargs,
     token_indices,
@@ -27,7 +28,8 @@ __all__ = [
     "ddim_timesteps",
     "PromptEmbeds",
     "encode_prompt",
-    "cached_embeddings",
+    "PROMPT_TEMPLATE",
+    "class_prompt",
     "token_indices",
     "sdxl_added_cond_kwargs",
     "vae_encode",

@@ -1,4 +1,4 @@
-"""The seed's attention pipeline, as one composable step.
+"""The attention pipeline, as one composable step.
 
     images (B, 3, H, W) in [0, 1]
       -> to_diffusion_input      (B, 3, h, w) in [-1, 1]
@@ -15,16 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from .._util import as_pair
 from ..errors import AttnPatchError
-from ..hooks import AttentionStore, ComposeControl, Resolution, hijack, trace_attention
+from ..hooks import (
+    AttentionStore,
+    ComposeControl,
+    Resolution,
+    hijack,
+    pick_cross_resolution,
+    pick_self_resolutions,
+    trace_attention,
+)
 from ..images import resize, to_diffusion_input
-from .ddim import ddim_denoise, ddim_invert
-from .prompts import encode_prompt, sdxl_added_cond_kwargs
-from .vae import vae_encode, vae_scale_factor
+from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
+from .parts import DiffusionParts
+from .prompts import PromptEmbeds, encode_prompt, sdxl_added_cond_kwargs
+from .vae import vae_encode
 
 __all__ = ["AttentionPipeline", "AttentionResult"]
 
@@ -65,8 +74,7 @@ class AttentionPipeline:
     """image -> VAE -> differentiable DDIM inversion -> denoising under hijack -> maps.
 
     Args:
-        parts: a diffusion stack (``registry.load_diffusion(...)``: unet, vae, text_encoder,
-            tokenizer, scheduler, variant; SDXL's second encoder when present).
+        parts: a :class:`~attnpatch.diffusion.DiffusionParts` (``load_diffusion(...)``).
         num_inference_steps: ``N`` of the DDIM schedule.
         num_steps: ``k``: the last ``k`` steps are inverted and denoised with gradients.
         guidance_scale: classifier-free guidance while denoising (1.0: conditional only).
@@ -81,7 +89,7 @@ class AttentionPipeline:
 
     def __init__(
         self,
-        parts: Any,
+        parts: DiffusionParts,
         *,
         num_inference_steps: int = 10,
         num_steps: int = 2,
@@ -91,34 +99,35 @@ class AttentionPipeline:
         self_resolutions: Sequence[int | Resolution] | None = None,
         checkpoint: bool = False,
     ):
-        if not 1 <= num_steps <= num_inference_steps:
+        if not isinstance(parts, DiffusionParts):
             raise AttnPatchError(
-                f"num_steps ({num_steps}) must be in [1, num_inference_steps ({num_inference_steps})]"
+                f"AttentionPipeline needs a DiffusionParts, got {type(parts).__name__}; pass "
+                "attnpatch.load_diffusion(...) or DiffusionParts(unet, vae, text_encoder, "
+                "tokenizer, scheduler)"
             )
+        # checks the schedule now, before any work (same rules as the loops)
+        ddim_timesteps(
+            parts.scheduler, num_inference_steps=num_inference_steps, num_steps=num_steps
+        )
         self.parts = parts
         self.num_inference_steps = num_inference_steps
         self.num_steps = num_steps
         self.guidance_scale = float(guidance_scale)
         self.checkpoint = checkpoint
-        self.factor = vae_scale_factor(parts.vae)
-        h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.factor = parts.vae_scale_factor
+        h, w = as_pair(image_size, "image_size")
         self.image_size = (-(-h // self.factor) * self.factor, -(-w // self.factor) * self.factor)
         latent = (self.image_size[0] // self.factor, self.image_size[1] // self.factor)
         self.sites = trace_attention(parts.unet, latent)
-        self.cross_resolution = _pick_cross(self.sites, cross_resolution)
-        self.self_resolutions = _pick_self(self.sites, self_resolutions)
+        self.cross_resolution = pick_cross_resolution(self.sites, cross_resolution)
+        self.self_resolutions = pick_self_resolutions(self.sites, self_resolutions)
 
     # -- pieces -------------------------------------------------------------------------------
-    def encode_prompts(self, prompts: Sequence[str]) -> Any:
-        """Cached text embeddings (``PromptEmbeds``) of ``prompts``."""
-        p = self.parts
-        tokenizers = getattr(p, "tokenizers", (p.tokenizer,))
-        encoders = getattr(p, "text_encoders", (p.text_encoder,))
-        if len(tokenizers) == 1:
-            return encode_prompt(tokenizers[0], encoders[0], list(prompts))
-        return encode_prompt(tokenizers, encoders, list(prompts))
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Text embeddings of ``prompts`` with this stack's tokenizer(s) and encoder(s)."""
+        return encode_prompt(self.parts.tokenizers, self.parts.text_encoders, list(prompts))
 
-    def _added_cond(self, embeds: Any) -> dict[str, torch.Tensor] | None:
+    def _added_cond(self, embeds: PromptEmbeds) -> dict[str, torch.Tensor] | None:
         if self.parts.unet.config.addition_embed_type != "text_time":
             return None
         # [uncond; cond] rows: ddim_invert/ddim_denoise take the half(s) they run.
@@ -140,20 +149,28 @@ class AttentionPipeline:
 
     # -- the pass -----------------------------------------------------------------------------
     def __call__(
-        self, images: torch.Tensor, prompts: Sequence[str], *, per_step: bool = False
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str] | PromptEmbeds,
+        *,
+        per_step: bool = False,
     ) -> AttentionResult:
-        """Run the pipeline on ``images`` ``(B, 3, H, W)`` in [0, 1] with one prompt per image.
+        """Run the pipeline on ``images`` ``(B, 3, H, W)`` in [0, 1].
 
-        ``per_step=True`` keeps each denoising step's maps too (``result.cross.step_maps``).
+        ``prompts``: one prompt per image, or their embeddings (``B`` rows of a
+        :class:`~attnpatch.diffusion.PromptEmbeds`, e.g. ``pipe.encode_prompts(class_prompts)
+        .take(labels)``: encode a fixed prompt set once, not every call). ``per_step=True``
+        keeps each denoising step's maps too (``result.cross.step_maps``).
         """
-        if len(prompts) != images.shape[0]:
+        n = prompts.cond.shape[0] if isinstance(prompts, PromptEmbeds) else len(prompts)
+        if n != images.shape[0]:
             raise AttnPatchError(
-                f"got {len(prompts)} prompts for {images.shape[0]} images; pass one prompt per image"
+                f"got {n} prompts for {images.shape[0]} images; pass one prompt per image"
             )
         p = self.parts
         x = to_diffusion_input(images, self.image_size, multiple=self.factor)
         z0 = vae_encode(p.vae, x)  # checks x: (B, 3, h, w) in [-1, 1]
-        embeds = self.encode_prompts(prompts)
+        embeds = prompts if isinstance(prompts, PromptEmbeds) else self.encode_prompts(prompts)
         added = self._added_cond(embeds)
         common = dict(
             num_inference_steps=self.num_inference_steps,
@@ -174,38 +191,3 @@ class AttentionPipeline:
                 **common,
             )
         return AttentionResult(x, z0, zT, denoised, cross, selfs, images.shape[0])
-
-
-def _resolutions(sites, kind: str, places: set[str]) -> set[Resolution]:
-    return {s.resolution for s in sites if s.kind == kind and s.place in places}
-
-
-def _pick_cross(sites, wanted) -> Resolution:
-    available = _resolutions(sites, "cross", {"down", "mid", "up"})
-    if not available:
-        raise AttnPatchError("this UNet has no cross-attention layers; attention losses need them")
-    if wanted is not None and wanted != 0:
-        res = (wanted, wanted) if isinstance(wanted, int) else tuple(wanted)
-        if res not in available:
-            raise AttnPatchError(
-                f"no cross-attention at resolution {res} for this image size; available: "
-                f"{sorted(available)} (set attention.cross_resolution to one of them, or 0)"
-            )
-        return res
-    both = _resolutions(sites, "cross", {"down"}) & _resolutions(sites, "cross", {"up"})
-    return min(both or available, key=lambda r: r[0] * r[1])
-
-
-def _pick_self(sites, wanted) -> list[Resolution]:
-    available = sorted(
-        _resolutions(sites, "self", {"down", "mid", "up"}), key=lambda r: r[0] * r[1]
-    )
-    if not wanted:
-        return available[:2]
-    chosen = [(r, r) if isinstance(r, int) else tuple(r) for r in wanted]
-    missing = [r for r in chosen if r not in available]
-    if missing:
-        raise AttnPatchError(
-            f"no self-attention at {missing} for this image size; available: {available}"
-        )
-    return chosen

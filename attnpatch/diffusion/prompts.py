@@ -1,35 +1,21 @@
-"""Prompt embeddings (cached), token positions, and SDXL's extra conditioning.
+"""Prompt embeddings, token positions, the class prompt, and SDXL's extra conditioning.
 
 * :func:`encode_prompt` turns prompts into the UNet's ``encoder_hidden_states`` and the
-  unconditional (empty-prompt) ones, as diffusers' pipelines do, and caches them per prompt.
-* :func:`cached_embeddings` is the cache as a decorator for any embedding builder.
+  unconditional (empty-prompt) ones, as diffusers' pipelines do. It is a plain function: encode
+  a fixed set of prompts once where they are known (the trainer encodes its class prompts at
+  construction) and index the rows (:meth:`PromptEmbeds.take`).
 * :func:`token_indices` finds a word's token positions in the padded sequence, which index the
   last axis of cross-attention maps ``(..., H*W, 77)``.
+* :func:`class_prompt` fills a template such as :data:`PROMPT_TEMPLATE` with a class name.
 * :func:`sdxl_added_cond_kwargs` builds ``{"text_embeds", "time_ids"}`` for SDXL-style UNets.
-
-The cache. A training loop calls ``encode_prompt`` every iteration with the same few prompts;
-the text encoder is frozen, so each prompt is encoded once and its embeddings reused
-(detached). An entry is keyed on the builder's plain arguments (strings, numbers, tuples) and on
-the *identity* of its object arguments (tokenizer, text encoder), and it stores a fingerprint of
-those objects: for a module the ``(data_ptr, _version)`` of every parameter and buffer (any
-in-place update such as ``optimizer.step()`` or ``load_state_dict``, and any ``.to()``, changes
-it), for a tensor the same, for other objects with a length (tokenizers) ``len(obj)`` (so added
-tokens count). A changed fingerprint re-encodes and replaces the entry, so stale embeddings are
-never served. Objects are held by weak reference: when a text encoder is garbage-collected its
-entries go with it. The cache is a bounded LRU (``maxsize`` entries, 256 by default for
-``encode_prompt``: about 60 MB for SD1.5's ``(1, 77, 768)`` float32 rows). Cached tensors are
-shared between calls: treat them as read-only.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import warnings
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,14 +23,36 @@ from torch import nn
 from ..errors import AttnPatchError
 
 __all__ = [
+    "PROMPT_TEMPLATE",
+    "class_prompt",
     "PromptEmbeds",
     "encode_prompt",
-    "cached_embeddings",
     "token_indices",
     "sdxl_added_cond_kwargs",
 ]
 
-F = TypeVar("F", bound=Callable[..., Any])
+#: The prompt of a class when none is configured: ``{label}`` is replaced by the class name.
+PROMPT_TEMPLATE = "a photo of a {label}"
+
+
+def class_prompt(label: str, template: str = PROMPT_TEMPLATE) -> str:
+    """The diffusion prompt of a class: ``template`` with ``{label}`` replaced by ``label``.
+
+    The name is inserted verbatim (the attention losses look for its tokens in the prompt), so
+    folder names such as ``golden_retriever`` should be renamed, or given as CSV labels, in the
+    words the text encoder should read.
+
+    >>> class_prompt("circle"), class_prompt("cat", "a close up view of a {label}")
+    ('a photo of a circle', 'a close up view of a cat')
+    """
+    if "{label}" not in template:
+        raise AttnPatchError(
+            f"prompt template {template!r} has no '{{label}}' placeholder; write e.g. "
+            f"{PROMPT_TEMPLATE!r}"
+        )
+    if not str(label).strip():
+        raise AttnPatchError("label name is empty; give each class a name (its words)")
+    return template.replace("{label}", str(label))
 
 
 class PromptEmbeds(NamedTuple):
@@ -52,8 +60,7 @@ class PromptEmbeds(NamedTuple):
 
     Attributes:
         cond: ``(B, L, D)`` ``encoder_hidden_states`` of the prompts (``L = 77`` for CLIP).
-        uncond: ``(B, L, D)`` those of the negative prompt (the empty prompt by default). When
-            one negative prompt serves the batch it is a stride-0 ``expand`` of one row.
+        uncond: ``(B, L, D)`` those of the negative prompt (the empty prompt by default).
         pooled: ``(B, P)`` pooled projection (SDXL's ``text_embeds``), ``None`` for SD1.x/2.x.
         uncond_pooled: ``(B, P)`` the negative prompt's pooled projection, or ``None``.
     """
@@ -63,146 +70,11 @@ class PromptEmbeds(NamedTuple):
     pooled: torch.Tensor | None = None
     uncond_pooled: torch.Tensor | None = None
 
-
-# ----------------------------------------------------------------------------- the cache
-
-_PLAIN = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
-
-
-def _freeze(value: Any, owners: list[Any]) -> Any:
-    """A hashable key for ``value``; non-plain objects become ``("obj", index)`` into owners."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (tuple, list)):
-        return (type(value).__name__, tuple(_freeze(v, owners) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _freeze(v, owners)) for k, v in sorted(value.items())))
-    for i, owner in enumerate(owners):
-        if owner is value:
-            return ("obj", i)
-    owners.append(value)
-    return ("obj", len(owners) - 1)
-
-
-def _fingerprint(obj: Any) -> Any:
-    """Something that changes when ``obj``'s content does (see the module docstring)."""
-    if isinstance(obj, torch.Tensor):
-        return (obj.data_ptr(), obj._version, tuple(obj.shape), obj.dtype)
-    if isinstance(obj, nn.Module):
-        tensors = itertools.chain(obj.parameters(), obj.buffers())
-        return tuple((t.data_ptr(), t._version) for t in tensors)
-    try:
-        return len(obj)
-    except TypeError:
-        return None
-
-
-def _detach(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    if isinstance(out, tuple) and hasattr(out, "_make"):  # NamedTuple
-        return out._make(_detach(v) for v in out)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_detach(v) for v in out)
-    if isinstance(out, dict):
-        return {k: _detach(v) for k, v in out.items()}
-    return out
-
-
-class _EmbeddingCache:
-    """LRU memo of an embedding builder; see :func:`cached_embeddings`."""
-
-    def __init__(self, fn: Callable[..., Any], maxsize: int):
-        if maxsize < 1:
-            raise AttnPatchError(f"maxsize must be >= 1, got {maxsize}; pass e.g. maxsize=256")
-        self.fn = fn
-        self.maxsize = maxsize
-        self._entries: OrderedDict[Any, tuple[Any, Any]] = OrderedDict()
-        self._by_owner: dict[int, set[Any]] = {}
-        self._strong: dict[int, Any] = {}  # owners that cannot be weakly referenced
-        self.hits = 0
-        self.misses = 0
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        owners: list[Any] = []
-        key = (_freeze(args, owners), _freeze(kwargs, owners))
-        key = (key, tuple(id(o) for o in owners))
-        stamp = tuple(_fingerprint(o) for o in owners)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] == stamp:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[1]
-        self.misses += 1
-        # Never cache inference tensors (a first call under torch.inference_mode() would make
-        # them): later training code could not save them for backward.
-        with torch.inference_mode(False):
-            value = _detach(self.fn(*args, **kwargs))
-        self._entries[key] = (stamp, value)
-        self._entries.move_to_end(key)
-        for owner in owners:
-            self._watch(owner, key)
-        while len(self._entries) > self.maxsize:
-            self._drop(next(iter(self._entries)))
-        return value
-
-    def _watch(self, owner: Any, key: Any) -> None:
-        oid = id(owner)
-        keys = self._by_owner.get(oid)
-        if keys is None:
-            keys = self._by_owner[oid] = set()
-            try:
-                weakref.finalize(owner, self._forget_owner, oid)
-            except TypeError:
-                self._strong[oid] = owner  # keeps the id from being reused
-        keys.add(key)
-
-    def _drop(self, key: Any) -> None:
-        self._entries.pop(key, None)
-        for oid in key[1]:
-            keys = self._by_owner.get(oid)
-            if keys is not None:
-                keys.discard(key)
-
-    def _forget_owner(self, oid: int) -> None:
-        for key in self._by_owner.pop(oid, set()):
-            self._entries.pop(key, None)
-        self._strong.pop(oid, None)
-
-    def cache_clear(self) -> None:
-        """Drop every entry (weak-reference callbacks then find nothing to do)."""
-        self._entries.clear()
-        self._by_owner.clear()
-        self._strong.clear()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def cached_embeddings(fn: F | None = None, *, maxsize: int = 256) -> F:
-    """Memoise an embedding builder; its outputs come back detached.
-
-    Works on any function whose arguments are plain values (str, numbers, None, dtypes,
-    devices, and tuples / lists / dicts of them) and objects (models, tokenizers, tensors). The
-    key is the plain values plus the objects' identities; each entry also records the objects'
-    fingerprints and is rebuilt when they change (see the module docstring). Use it bare or with
-    arguments. The wrapper has ``cache_clear()``, ``hits``, ``misses`` and ``len()``.
-
-    >>> calls = []
-    >>> @cached_embeddings
-    ... def build(encoder, text):
-    ...     calls.append(text)
-    ...     return encoder(torch.ones(1, 2))
-    >>> enc = nn.Linear(2, 3)
-    >>> a, b = build(enc, "cat"), build(enc, "cat")
-    >>> a is b, calls, a.requires_grad
-    (True, ['cat'], False)
-    """
-    if fn is None:
-        return functools.partial(cached_embeddings, maxsize=maxsize)  # type: ignore[return-value]
-    return _EmbeddingCache(fn, maxsize)  # type: ignore[return-value]
+    def take(self, index: torch.Tensor | Sequence[int]) -> PromptEmbeds:
+        """The rows ``index`` (``(B,)`` ints) of every field: embeddings of ``B`` prompts from
+        those of a prompt set, e.g. ``class_embeds.take(labels)``."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.cond.device)
+        return PromptEmbeds(*(None if t is None else t[idx] for t in self))
 
 
 # ----------------------------------------------------------------------------- encode_prompt
@@ -218,39 +90,36 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _encode_one(
-    tokenizers: tuple[Any, ...], text_encoders: tuple[nn.Module, ...], prompt: str
+@torch.no_grad()
+def _encode(
+    tokenizers: tuple[Any, ...], text_encoders: tuple[nn.Module, ...], texts: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(1, L, sum D)`` hidden states and ``(1, P)`` pooled projection (or None) of one prompt."""
+    """``(N, L, sum D)`` hidden states and ``(N, P)`` pooled projection (or None) of ``texts``."""
     sdxl = len(text_encoders) > 1
     outputs = []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
         max_len = tokenizer.model_max_length
+        for text in texts:
+            if len(tokenizer(text).input_ids) > max_len:
+                warnings.warn(
+                    f"prompt {text!r} is longer than {max_len} tokens and was truncated, as "
+                    "diffusers does; shorten it to condition on all of it",
+                    stacklevel=3,
+                )
         tokens = tokenizer(
-            prompt, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+            texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         )
-        if len(tokenizer(prompt).input_ids) > max_len:
-            warnings.warn(
-                f"prompt {prompt!r} is longer than {max_len} tokens and was truncated, as "
-                "diffusers does; shorten it to condition on all of it",
-                stacklevel=4,
-            )
         out = encoder(tokens.input_ids.to(_module_device(encoder)), output_hidden_states=True)
         sdxl = sdxl or getattr(out, "text_embeds", None) is not None
         outputs.append(out)
-    pooled = None
-    for out in outputs:
-        if getattr(out, "text_embeds", None) is not None:
-            pooled = out.text_embeds
-            break
+    pooled = next(
+        (o.text_embeds for o in outputs if getattr(o, "text_embeds", None) is not None), None
+    )
     if sdxl:  # SDXL: penultimate layer of every encoder, no final layer norm, concatenated
         hidden = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
     else:  # SD1.x / SD2.x: last layer after the final layer norm
         hidden = outputs[0].last_hidden_state
     return hidden, pooled
-
-
-_encode_one_cached = cached_embeddings(_encode_one, maxsize=256)
 
 
 def encode_prompt(
@@ -259,27 +128,28 @@ def encode_prompt(
     prompts: str | Sequence[str],
     *,
     negative_prompt: str | Sequence[str] = "",
-    cache: bool = True,
 ) -> PromptEmbeds:
     """Prompt embeddings and unconditional embeddings, as diffusers' pipelines compute them.
 
     Args:
         tokenizer: a CLIP tokenizer, or a sequence of them (SDXL: ``(pipe.tokenizer,
             pipe.tokenizer_2)``), one per text encoder.
-        text_encoder: the matching text encoder(s). Frozen: nothing flows back into them.
+        text_encoder: the matching text encoder(s). Frozen: run under ``no_grad``, nothing
+            flows back into them.
         prompts: one prompt or ``B`` prompts.
         negative_prompt: the unconditional prompt, ``""`` by default (what SD1.x/2.x pipelines
             use; SDXL pipelines default to *zeros* instead, ``force_zeros_for_empty_prompt``);
             one string for the batch or ``B`` strings.
-        cache: reuse embeddings of prompts seen before (see the module docstring). Each distinct
-            prompt is encoded once, on its own; a cache hit costs no text-encoder call.
+
+    Each distinct text is encoded once, all in one text-encoder call per encoder.
 
     Returns:
         :class:`PromptEmbeds`. SD1.x / SD2.x (one ``CLIPTextModel``): ``cond`` and ``uncond``
         ``(B, 77, D)`` from the last layer (after its final layer norm), ``pooled=None``. SDXL
         (several encoders, or a ``CLIPTextModelWithProjection``): the penultimate layer of each
         encoder concatenated on the last axis, and ``pooled`` ``(B, P)`` the ``text_embeds`` of
-        the first projecting encoder. Tensors are detached, on the text encoder's device.
+        the first projecting encoder. Tensors have no graph and sit on the text encoder's
+        device.
 
     >>> from attnpatch.testing import tiny_text_encoder, tiny_tokenizer
     >>> e = encode_prompt(tiny_tokenizer(), tiny_text_encoder(), ["a cat", "a dog"])
@@ -306,27 +176,13 @@ def encode_prompt(
             f"got {len(negatives)} negative prompts for {b} prompts; pass one negative prompt "
             f"(a string) or {b}"
         )
-    encode = _encode_one_cached if cache else _encode_one
-
-    def rows(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        done = {text: encode(tokenizers, encoders, text) for text in dict.fromkeys(texts)}
-        hidden = torch.cat([done[t][0] for t in texts]) if len(texts) > 1 else done[texts[0]][0]
-        pooled_rows = [done[t][1] for t in texts]
-        if pooled_rows[0] is None:
-            return hidden, None
-        pooled = torch.cat(pooled_rows) if len(texts) > 1 else pooled_rows[0]
-        return hidden, pooled
-
-    cond, pooled = rows(prompt_list)
-    uncond, uncond_pooled = rows(negatives)
-    if len(negatives) == 1 and b > 1:
-        uncond = uncond.expand(b, -1, -1)
-        if uncond_pooled is not None:
-            uncond_pooled = uncond_pooled.expand(b, -1)
-    return PromptEmbeds(cond, uncond, pooled, uncond_pooled)
-
-
-encode_prompt.cache_clear = _encode_one_cached.cache_clear  # type: ignore[attr-defined]
+    texts = list(dict.fromkeys(prompt_list + negatives))  # each distinct text once
+    hidden, pooled = _encode(tokenizers, encoders, texts)
+    row = {text: i for i, text in enumerate(texts)}
+    embeds = PromptEmbeds(hidden, hidden, pooled, pooled)
+    cond = embeds.take([row[t] for t in prompt_list])
+    uncond = embeds.take([row[t] for t in negatives] * (b if len(negatives) == 1 else 1))
+    return PromptEmbeds(cond.cond, uncond.uncond, cond.pooled, uncond.uncond_pooled)
 
 
 # ----------------------------------------------------------------------------- token_indices

@@ -13,7 +13,13 @@ from .controllers import AttentionControl, AttentionStore, ComposeControl, Rewei
 from .hijack import attention_modules, checkpoint, hijack, in_backward, is_hijacked
 from .processor import ControlledAttnProcessor, attention_probs
 from .site import AttnSite, Resolution, as_resolution, infer_resolution, parse_place
-from .trace import format_sites, summarize_sites, trace_attention
+from .trace import (
+    format_sites,
+    pick_cross_resolution,
+    pick_self_resolutions,
+    summarize_sites,
+    trace_attention,
+)
 
 __all__ = [
     "AttnSite",
@@ -35,4 +41,6 @@ __all__ = [
     "trace_attention",
     "format_sites",
     "summarize_sites",
+    "pick_cross_resolution",
+    "pick_self_resolutions",
 ]

@@ -11,6 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from .._util import as_pair
 from ..errors import AttnPatchError
 
 __all__ = ["AttnSite", "parse_place", "infer_resolution", "Resolution", "as_resolution"]
@@ -112,14 +113,4 @@ def infer_resolution(query_len: int, latent_hw: Resolution | None) -> Resolution
 
 def as_resolution(resolution: int | Resolution) -> Resolution:
     """``16 -> (16, 16)``; ``(16, 12)`` unchanged. Raises on anything else."""
-    if isinstance(resolution, int) and not isinstance(resolution, bool):
-        return (resolution, resolution)
-    if (
-        isinstance(resolution, (tuple, list))
-        and len(resolution) == 2
-        and all(isinstance(v, int) for v in resolution)
-    ):
-        return (int(resolution[0]), int(resolution[1]))
-    raise AttnPatchError(
-        f"a resolution is an int (square maps) or an (h, w) pair of ints, got {resolution!r}"
-    )
+    return as_pair(resolution, "resolution")

@@ -1,22 +1,32 @@
 """Trace a UNet's attention sites: where each layer runs, its kind, heads and map shape.
 
-The seed's "trace UNet attention maps (where & shape), document clearly": one forward pass
-under :func:`~attnpatch.hijack` with a controller that records every site and observes
-nothing. On the ``meta`` device (see :func:`attnpatch.testing.reference_unet`) it costs no
-memory, so SD1.5/SD2.1/SDXL tables are produced without weights.
+:func:`trace_attention` runs one forward pass under :func:`~attnpatch.hijack` with a
+controller that records every site and observes nothing. On the ``meta`` device (see
+:func:`attnpatch.testing.reference_unet`) it costs no memory, so SD1.5/SD2.1/SDXL tables are
+produced without weights (docs/attention-sites.md). :func:`pick_cross_resolution` and
+:func:`pick_self_resolutions` choose, from a trace, the map sizes attention losses read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
+from .._util import as_pair
 from ..errors import AttnPatchError
-from .controllers.base import AttentionControl
+from .controllers import AttentionControl
 from .hijack import hijack
-from .site import AttnSite
+from .site import AttnSite, Resolution
 
-__all__ = ["trace_attention", "format_sites"]
+__all__ = [
+    "trace_attention",
+    "format_sites",
+    "summarize_sites",
+    "pick_cross_resolution",
+    "pick_self_resolutions",
+]
 
 
 class _Tracer(AttentionControl):
@@ -50,9 +60,7 @@ def trace_attention(
     config = unet.config
     if sample_size is None:
         sample_size = config.sample_size
-    h, w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-    if h < 1 or w < 1:
-        raise AttnPatchError(f"sample_size must be positive, got {(h, w)}")
+    h, w = as_pair(sample_size, "sample_size")
     param = next(unet.parameters())
     device, dtype = param.device, param.dtype
     sample = torch.zeros(batch_size, config.in_channels, h, w, device=device, dtype=dtype)
@@ -114,3 +122,52 @@ def summarize_sites(sites: list[AttnSite]) -> str:
         shape = f"(B, {res[0]}, {res[1]}, {key})" if res else "?"
         lines.append(f"| {place} | {kind} | {hw} | {n} | {heads} | {shape} |")
     return "\n".join(lines)
+
+
+def _resolutions(sites: Sequence[AttnSite], kind: str, places: set[str]) -> set[Resolution]:
+    return {s.resolution for s in sites if s.kind == kind and s.place in places}
+
+
+def pick_cross_resolution(
+    sites: Sequence[AttnSite], wanted: int | Resolution | None = None
+) -> Resolution:
+    """The cross-attention map size for losses: ``wanted`` if the trace has it, else (``None``
+    or 0) the smallest size at which both down and up blocks attend — 16x16 for SD1.5 at
+    512 px, as prompt-to-prompt uses; 7x7 for SD2 at 224 px, as DiffAttack uses.
+
+    >>> from attnpatch.testing import tiny_unet
+    >>> pick_cross_resolution(trace_attention(tiny_unet(), 32))
+    (16, 16)
+    """
+    available = _resolutions(sites, "cross", {"down", "mid", "up"})
+    if not available:
+        raise AttnPatchError("this UNet has no cross-attention layers; attention losses need them")
+    if wanted is not None and wanted != 0:
+        res = as_pair(wanted, "cross resolution")
+        if res not in available:
+            raise AttnPatchError(
+                f"no cross-attention at resolution {res} for this image size; available: "
+                f"{sorted(available)} (set attention.cross_resolution to one of them, or 0)"
+            )
+        return res
+    both = _resolutions(sites, "cross", {"down"}) & _resolutions(sites, "cross", {"up"})
+    return min(both or available, key=lambda r: r[0] * r[1])
+
+
+def pick_self_resolutions(
+    sites: Sequence[AttnSite], wanted: Sequence[int | Resolution] | None = None
+) -> list[Resolution]:
+    """The self-attention map sizes to store: ``wanted`` if the trace has them all, else
+    (``None`` or empty) the two smallest (self-attention maps grow as ``(h*w)**2``)."""
+    available = sorted(
+        _resolutions(sites, "self", {"down", "mid", "up"}), key=lambda r: r[0] * r[1]
+    )
+    if not wanted:
+        return available[:2]
+    chosen = [as_pair(r, "self resolution") for r in wanted]
+    missing = [r for r in chosen if r not in available]
+    if missing:
+        raise AttnPatchError(
+            f"no self-attention at {missing} for this image size; available: {available}"
+        )
+    return chosen

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import AttnPatchError
-from .image import _check_reduction, _reduce, downsample_mask
+from ._reduce import check_reduction, reduce
+from .image import downsample_mask
 
 __all__ = [
     "cross_attention_variance",
@@ -202,10 +203,10 @@ def cross_attention_variance(
     >>> cross_attention_variance(maps, [5])
     tensor(0.)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     amap = label_map(maps, tokens).flatten(1)  # (B, h*w)
     values = (amap - amap.mean(dim=1, keepdim=True)).square().mean(dim=1)
-    return _reduce(values, reduction)
+    return reduce(values, reduction)
 
 
 def cross_attention_region(
@@ -241,7 +242,7 @@ def cross_attention_region(
     >>> cross_attention_region(maps, mask, [5])
     tensor(1.)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if mode not in _MODES:
         raise AttnPatchError(
             f"mode must be 'repel' (attention off the patch) or 'attract' (onto it), got {mode!r}"
@@ -258,7 +259,7 @@ def cross_attention_region(
     total = amap.flatten(1).sum(dim=1).clamp_min(eps)
     share = inside / total
     values = share if mode == "repel" else 1.0 - share
-    return _reduce(values, reduction)
+    return reduce(values, reduction)
 
 
 def _as_pairs(maps: SelfMaps, reference: SelfMaps) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -343,7 +344,7 @@ def self_attention_structure(
     >>> self_attention_structure({"up": ref + 0.1}, {"up": ref})
     tensor(0.0100)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     pairs = _as_pairs(maps, reference)
     if not pairs:
         raise AttnPatchError(
@@ -355,7 +356,7 @@ def self_attention_structure(
         diff = a - r.detach().to(device=a.device, dtype=a.dtype)
         per_layer.append(diff.square().flatten(1).mean(dim=1))
     values = torch.stack(per_layer, dim=0).mean(dim=0)
-    return _reduce(values, reduction)
+    return reduce(values, reduction)
 
 
 class CrossAttentionVariance(nn.Module):
@@ -367,7 +368,7 @@ class CrossAttentionVariance(nn.Module):
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.reduction = reduction
 
     def forward(self, maps: torch.Tensor, tokens: Tokens) -> torch.Tensor:
@@ -386,7 +387,7 @@ class CrossAttentionRegion(nn.Module):
 
     def __init__(self, mode: str = "repel", reduction: str = "mean"):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         if mode not in _MODES:
             raise AttnPatchError(
                 f"mode must be 'repel' (attention off the patch) or 'attract' (onto it), got "
@@ -413,7 +414,7 @@ class SelfAttentionStructure(nn.Module):
 
     def __init__(self, reference: SelfMaps | None = None, reduction: str = "mean"):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.reduction = reduction
         self.reference: SelfMaps | None = None
         if reference is not None:

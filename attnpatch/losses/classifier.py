@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AttnPatchError
-from .image import _check_reduction, _reduce
+from ._reduce import check_reduction, reduce
 
 __all__ = ["classifier_loss", "ClassifierLoss"]
 
@@ -115,7 +115,7 @@ def classifier_loss(
     >>> classifier_loss(logits, 2, targeted=True, kind="cw", kappa=0.5)  # max(2 - 1, -0.5)
     tensor(1.)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     _check_options(kind, kappa)
     if not isinstance(logits, torch.Tensor):
         raise AttnPatchError(f"logits must be a torch.Tensor (B, C), got {type(logits).__name__}")
@@ -137,7 +137,7 @@ def classifier_loss(
         best_other = others.amax(dim=1)
         margin = best_other - label_logit if targeted else label_logit - best_other
         values = margin.clamp_min(-kappa)
-    return _reduce(values, reduction)
+    return reduce(values, reduction)
 
 
 class ClassifierLoss(nn.Module):
@@ -151,7 +151,7 @@ class ClassifierLoss(nn.Module):
         reduction: str = "mean",
     ):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         _check_options(kind, kappa)
         self.targeted = targeted
         self.kind = kind

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import AttnPatchError
 from ..images import check_image
+from ._reduce import check_reduction, reduce
 
 __all__ = [
     "l2_norm",
@@ -31,30 +32,12 @@ __all__ = [
     "PRINTABLE_LEVELS",
 ]
 
-_REDUCTIONS = ("mean", "sum", "none")
 
 #: Channel levels of the default palette: the 27 colours of the grid ``PRINTABLE_LEVELS ** 3``.
 #: Illustrative, not measured: ordinary printers compress the gamut, so pure black, pure white
 #: and fully saturated primaries are left out. Measure your own printer (see
 #: :func:`printable_palette`).
 PRINTABLE_LEVELS = (0.1, 0.5, 0.9)
-
-
-def _check_reduction(reduction: str) -> None:
-    if reduction not in _REDUCTIONS:
-        raise AttnPatchError(
-            f"reduction must be one of {_REDUCTIONS}, got {reduction!r}; use 'mean' for a scalar "
-            f"loss, 'none' for one value per image"
-        )
-
-
-def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``(B,)`` per-image values -> scalar (``mean`` / ``sum``) or ``(B,)`` (``none``)."""
-    if reduction == "mean":
-        return values.mean()
-    if reduction == "sum":
-        return values.sum()
-    return values
 
 
 def _check_tensor(x: object, name: str, ndim: int | tuple[int, ...], layout: str) -> torch.Tensor:
@@ -151,7 +134,7 @@ def l2_norm(
     >>> l2_norm(torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4))
     tensor(48.)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     adv = _check_tensor(adv, "adv", 4, "(B, C, H, W)")
     clean = _check_tensor(clean, "clean", 4, "(B, C, H, W)")
     if clean.shape[1:] != adv.shape[1:] or clean.shape[0] not in (1, adv.shape[0]):
@@ -168,7 +151,7 @@ def l2_norm(
                 f"mask per image or a single mask (batch 1) for all"
             )
         sq = sq * weights.to(sq.dtype)
-    return _reduce(sq.flatten(1).sum(dim=1), reduction)
+    return reduce(sq.flatten(1).sum(dim=1), reduction)
 
 
 def total_variation(
@@ -195,7 +178,7 @@ def total_variation(
     >>> total_variation(torch.tensor([[[0.0, 1.0], [0.0, 1.0]]]))
     tensor(1.)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     x = _check_tensor(x, "x", (3, 4), "(B, C, H, W) or (C, H, W)")
     single = x.ndim == 3
     if single:
@@ -210,7 +193,7 @@ def total_variation(
     values = ty + tx
     if single:
         return values[0]
-    return _reduce(values, reduction)
+    return reduce(values, reduction)
 
 
 def printable_palette(
@@ -284,7 +267,7 @@ def non_printability_score(
     >>> non_printability_score(grey, torch.tensor([[0.5, 0.5, 0.1], [0.0, 0.0, 0.0]]))
     tensor(0.4000)
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     x = _check_tensor(x, "x", (3, 4), "(B, 3, H, W) or (3, H, W)")
     single = x.ndim == 3
     if single:
@@ -297,7 +280,7 @@ def non_printability_score(
     values = dist.mean(dim=1)
     if single:
         return values[0]
-    return _reduce(values, reduction)
+    return reduce(values, reduction)
 
 
 class L2Norm(nn.Module):
@@ -305,7 +288,7 @@ class L2Norm(nn.Module):
 
     def __init__(self, reduction: str = "mean"):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.reduction = reduction
 
     def forward(
@@ -322,7 +305,7 @@ class TotalVariation(nn.Module):
 
     def __init__(self, normalize: bool = True, reduction: str = "mean"):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.normalize = normalize
         self.reduction = reduction
 
@@ -344,7 +327,7 @@ class NonPrintabilityScore(nn.Module):
 
     def __init__(self, palette: torch.Tensor | None = None, reduction: str = "mean"):
         super().__init__()
-        _check_reduction(reduction)
+        check_reduction(reduction)
         self.register_buffer("palette", printable_palette(palette))
         self.reduction = reduction
 

@@ -1,24 +1,34 @@
-"""The model layer: classifiers and diffusion stacks by name, local diffusers folders, tiny models."""
+"""The model layer: classifiers and diffusion stacks by name, local diffusers folders, tiny models.
 
+* :mod:`.registry` — names -> factories: :func:`load_classifier`, :func:`load_diffusion`,
+  :func:`register_classifier`, :func:`register_diffusion`, the built-in ``"tiny*"`` names.
+* :mod:`.classifier` — :class:`NormalizedClassifier`, :func:`probe_classifier`, torchvision /
+  timm builders, local weights files.
+* :mod:`.diffusion` — :func:`load_diffusers_folder`, DDIM conversion, variant detection.
+* :mod:`.tiny` — the tiny offline SD stacks (re-exported by :mod:`attnpatch.testing`).
+* :mod:`.shapes_classifier` — the ``"tiny"`` classifier: training and its cache.
+"""
+
+from .classifier import IMAGENET_MEAN, IMAGENET_STD, NormalizedClassifier, probe_classifier
+from .diffusion import load_diffusers_folder
 from .registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TINY_CLASSIFIER_VERSION,
-    NormalizedClassifier,
-    cache_dir,
     classifier_names,
     diffusion_names,
     load_classifier,
-    load_diffusers_folder,
     load_diffusion,
     register_classifier,
     register_diffusion,
+)
+from .shapes_classifier import (
+    TINY_CLASSIFIER_VERSION,
+    cache_dir,
     tiny_classifier_path,
     train_tiny_classifier,
 )
 
 __all__ = [
     "NormalizedClassifier",
+    "probe_classifier",
     "register_classifier",
     "register_diffusion",
     "load_classifier",

@@ -1,7 +1,9 @@
-"""Tiny, offline, deterministic Stable Diffusion stacks and a tiny classifier.
+"""Tiny, offline, deterministic Stable Diffusion stacks and their components.
 
 Nothing here downloads anything: every component is built from a config with seeded random
-weights. Use them to try the library without weights, and in tests.
+weights; building them leaves the caller's global RNG state as it was. Use them to try
+the library without weights, and in tests. The tiny classifier lives in
+:mod:`attnpatch.models.shapes_classifier`.
 
 >>> sd = tiny_sd("sd15")
 >>> sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size
@@ -18,10 +20,11 @@ Variants (``tiny_sd(variant)``):
   encoder whose pooled output feeds ``text_embeds``.
 
 ``mid_unet()`` builds a larger UNet with SD1.5's block structure (four levels, two layers per
-block, 8 heads, reduced widths) for CPU benchmarks.
+block, 8 heads, reduced widths) for CPU benchmarks; ``reference_unet()`` a real model's UNet
+architecture (on the meta device by default).
 
 All components can be written with ``save_pretrained`` (see :func:`save_tiny_sd`) and read back
-with ``attnpatch.registry.load_diffusion(folder)`` (``from_pretrained``, offline), which is how
+with ``attnpatch.models.load_diffusion(folder)`` (``from_pretrained``, offline), which is how
 the library loads real models.
 """
 
@@ -31,20 +34,18 @@ import os
 from typing import Any
 
 import torch
-from torch import nn
 
+from .._util import freeze, seeded
 from ..diffusion import DiffusionParts
+from ..errors import AttnPatchError
 
 __all__ = [
-    "TinySD",
     "tiny_sd",
     "tiny_unet",
     "tiny_vae",
     "tiny_text_encoder",
     "tiny_tokenizer",
     "tiny_scheduler",
-    "tiny_classifier",
-    "TinyClassifier",
     "mid_unet",
     "save_tiny_sd",
     "VOCAB_WORDS",
@@ -56,65 +57,17 @@ __all__ = [
 VARIANTS = ("sd15", "sd2", "sdxl")
 
 #: Words that the tiny tokenizer knows as single tokens. Other words are split into byte
-#: tokens, as real CLIP splits rare words, so multi-token words occur naturally.
-VOCAB_WORDS = [
-    "a",
-    "an",
-    "the",
-    "of",
-    "in",
-    "on",
-    "at",
-    "with",
-    "and",
-    "photo",
-    "picture",
-    "image",
-    "painting",
-    "drawing",
-    "close",
-    "up",
-    "view",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "orange",
-    "purple",
-    "white",
-    "black",
-    "gray",
-    "pink",
-    "brown",
-    "circle",
-    "square",
-    "triangle",
-    "star",
-    "cross",
-    "ring",
-    "diamond",
-    "stripe",
-    "dot",
-    "shape",
-    "cat",
-    "dog",
-    "bird",
-    "car",
-    "plane",
-    "ship",
-    "truck",
-    "horse",
-    "frog",
-    "deer",
-    "tench",
-    "goldfish",
-    "shark",
-    "background",
-    "texture",
-    "noise",
-    "patch",
-    "sticker",
-]
+#: tokens, as real CLIP splits rare words, so multi-token words occur naturally. The order
+#: fixes the token ids (and the seeded text encoders' weights). A split string, not a list
+#: literal, so the formatter keeps it compact.
+VOCAB_WORDS: list[str] = """
+    a an the of in on at with and
+    photo picture image painting drawing close up view
+    red green blue yellow orange purple white black gray pink brown
+    circle square triangle star cross ring diamond stripe dot shape
+    cat dog bird car plane ship truck horse frog deer tench goldfish shark
+    background texture noise patch sticker
+""".split()  # noqa: SIM905
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -194,12 +147,6 @@ def _text_config(hidden_size: int, projection_dim: int | None = None):
     return CLIPTextConfig(**kwargs)
 
 
-def _seeded(seed: int):
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    return gen_state
-
-
 def tiny_text_encoder(variant: str = "sd15", seed: int = 0):
     """A 2-layer CLIP text encoder matching ``tiny_unet(variant)``'s cross-attention width.
 
@@ -209,15 +156,12 @@ def tiny_text_encoder(variant: str = "sd15", seed: int = 0):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     _check_variant(variant)
-    state = _seeded(seed)
-    try:
+    with seeded(seed):
         if variant == "sdxl":
             model = CLIPTextModelWithProjection(_text_config(16, projection_dim=16))
         else:
             model = CLIPTextModel(_text_config(8 if variant == "sd15" else 16))
-    finally:
-        torch.random.set_rng_state(state)
-    return model.eval().requires_grad_(False)
+    return freeze(model)
 
 
 def _unet_config(variant: str, sample_size: int = 32, deep: bool = False) -> dict[str, Any]:
@@ -232,8 +176,6 @@ def _unet_config(variant: str, sample_size: int = 32, deep: bool = False) -> dic
     )
     if deep:
         if variant != "sd15":
-            from ..errors import AttnPatchError
-
             raise AttnPatchError("deep=True exists for the sd15 variant only")
         return dict(
             common,
@@ -276,12 +218,9 @@ def tiny_unet(variant: str = "sd15", seed: int = 0, sample_size: int = 32, deep:
     from diffusers import UNet2DConditionModel
 
     _check_variant(variant)
-    state = _seeded(seed)
-    try:
+    with seeded(seed):
         unet = UNet2DConditionModel(**_unet_config(variant, sample_size, deep))
-    finally:
-        torch.random.set_rng_state(state)
-    return unet.eval().requires_grad_(False)
+    return freeze(unet)
 
 
 def mid_unet(seed: int = 0, width: int = 32, cross_attention_dim: int = 64):
@@ -293,8 +232,7 @@ def mid_unet(seed: int = 0, width: int = 32, cross_attention_dim: int = 64):
     """
     from diffusers import UNet2DConditionModel
 
-    state = _seeded(seed)
-    try:
+    with seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=64,
             block_out_channels=(width, 2 * width, 4 * width, 4 * width),
@@ -303,9 +241,7 @@ def mid_unet(seed: int = 0, width: int = 32, cross_attention_dim: int = 64):
             cross_attention_dim=cross_attention_dim,
             attention_head_dim=8,
         )
-    finally:
-        torch.random.set_rng_state(state)
-    return unet.eval().requires_grad_(False)
+    return freeze(unet)
 
 
 #: Public UNet configs of real models (architecture only: no weights), for tracing attention
@@ -360,8 +296,6 @@ def reference_unet(
     from diffusers import UNet2DConditionModel
 
     if name not in REFERENCE_UNET_CONFIGS:
-        from ..errors import AttnPatchError
-
         raise AttnPatchError(
             f"unknown reference UNet {name!r}; choose one of {sorted(REFERENCE_UNET_CONFIGS)}"
         )
@@ -369,15 +303,14 @@ def reference_unet(
         unet = UNet2DConditionModel(**REFERENCE_UNET_CONFIGS[name])
     if dtype is not None:
         unet = unet.to(dtype)
-    return unet.eval().requires_grad_(False)
+    return freeze(unet)
 
 
 def tiny_vae(seed: int = 0):
     """A tiny ``AutoencoderKL``: channels (4, 8), 4 latent channels, downsampling factor 2."""
     from diffusers import AutoencoderKL
 
-    state = _seeded(seed)
-    try:
+    with seeded(seed):
         vae = AutoencoderKL(
             block_out_channels=(4, 8),
             in_channels=3,
@@ -388,9 +321,7 @@ def tiny_vae(seed: int = 0):
             norm_num_groups=2,
             sample_size=32,
         )
-    finally:
-        torch.random.set_rng_state(state)
-    return vae.eval().requires_grad_(False)
+    return freeze(vae)
 
 
 def tiny_scheduler(variant: str = "sd15"):
@@ -409,52 +340,6 @@ def tiny_scheduler(variant: str = "sd15"):
     )
 
 
-class TinyClassifier(nn.Module):
-    """A small CNN with BatchNorm: ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, num_classes)``.
-
-    It normalises its input itself (per-channel mean 0.5, std 0.25), like the registry's
-    wrapped classifiers, so callers always pass [0, 1] RGB images.
-    """
-
-    def __init__(self, num_classes: int = 10, width: int = 16):
-        super().__init__()
-        self.num_classes = num_classes
-        self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
-        self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
-
-        def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            )
-
-        self.features = nn.Sequential(
-            block(3, width), block(width, 2 * width), block(2 * width, 4 * width)
-        )
-        self.head = nn.Linear(4 * width, num_classes)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        x = self.features(x)
-        return self.head(x.mean(dim=(2, 3)))
-
-
-def tiny_classifier(num_classes: int = 10, seed: int = 0, width: int = 16) -> TinyClassifier:
-    """An untrained :class:`TinyClassifier` (eval mode, weights trainable)."""
-    state = _seeded(seed)
-    try:
-        model = TinyClassifier(num_classes, width)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.eval()
-
-
-#: The tiny stacks are ordinary :class:`~attnpatch.parts.DiffusionParts`.
-TinySD = DiffusionParts
-
-
 def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> DiffusionParts:
     """Every part of a tiny SD stack of ``variant`` (``"sd15"``, ``"sd2"`` or ``"sdxl"``)."""
     _check_variant(variant)
@@ -470,7 +355,7 @@ def tiny_sd(variant: str = "sd15", seed: int = 0, deep: bool = False) -> Diffusi
 
 def save_tiny_sd(sd: DiffusionParts, folder: str | os.PathLike) -> str:
     """Write ``sd`` as a diffusers model folder (``unet/``, ``vae/``, ``text_encoder/``,
-    ``tokenizer/``, ``scheduler/``) that ``registry.load_diffusion(folder)`` reads."""
+    ``tokenizer/``, ``scheduler/``) that ``attnpatch.models.load_diffusion(folder)`` reads."""
     folder = os.fspath(folder)
     sd.unet.save_pretrained(os.path.join(folder, "unet"))
     sd.vae.save_pretrained(os.path.join(folder, "vae"))
@@ -482,6 +367,4 @@ def save_tiny_sd(sd: DiffusionParts, folder: str | os.PathLike) -> str:
 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        from ..errors import AttnPatchError
-
         raise AttnPatchError(f"unknown tiny variant {variant!r}; choose one of {VARIANTS}")

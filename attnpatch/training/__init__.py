@@ -8,7 +8,7 @@ figures and the doctor.
 * :func:`diagnose` / :func:`doctor` — the pipeline checklist, measured.
 """
 
-from .config import TrainConfig, load_config
+from .config import TrainConfig, add_config_flags, apply_flags, load_config
 from .doctor import diagnose, doctor
 from .evaluate import EvalResult, evaluate_patch
 from .run import RunResult, build_trainer, run_training
@@ -17,6 +17,8 @@ from .trainer import PatchTrainer
 __all__ = [
     "TrainConfig",
     "load_config",
+    "add_config_flags",
+    "apply_flags",
     "PatchTrainer",
     "evaluate_patch",
     "EvalResult",

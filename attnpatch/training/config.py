@@ -1,7 +1,7 @@
 """Run configuration: nested dataclasses, read from YAML or TOML, every field a CLI flag.
 
 A config file has the sections below (all optional; unknown keys are rejected with the
-closest valid name). Every field is also a flag: ``--patch.size 0.3``, ``--train.lr 0.05``.
+closest valid name). Every field is also a flag: ``--patch.size 16``, ``--train.lr 0.05``.
 
 >>> cfg = TrainConfig()
 >>> cfg.train.accumulate
@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..diffusion import PROMPT_TEMPLATE
 from ..errors import AttnPatchError
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
 
 @dataclass
 class ModelsConfig:
-    """Which models (names resolved by ``attnpatch.registry``)."""
+    """Which models (names resolved by ``attnpatch.models``)."""
 
     classifier: str = "tiny"  #: "tiny", "torchvision:resnet50", "timm:...", a registered name
     #: a local weights file (or a torchvision weights name such as "IMAGENET1K_V2"); "" = none
@@ -60,7 +61,7 @@ class DataConfig:
     batch_size: int = 1
     synthetic_per_class: int = 40  #: synthetic training images per class
     synthetic_eval_per_class: int = 20  #: synthetic held-out images per class
-    prompt_template: str = "a photo of a {label}"
+    prompt_template: str = PROMPT_TEMPLATE  #: the class prompt; {label} is the class name
 
 
 @dataclass
@@ -101,7 +102,8 @@ class AttentionConfig:
     num_steps: int = 2  #: k: differentiable inversion and denoise steps (last k of N)
     guidance_scale: float = 1.0  #: while denoising (1.0: conditional only)
     cross_loss: str = "variance"  #: "variance", "repel" or "attract"
-    cross_resolution: int = 0  #: map side for cross-attention losses; 0 = the largest traced
+    #: map side for cross-attention losses; 0 = the smallest side where down and up blocks attend
+    cross_resolution: int = 0
     self_resolutions: list[int] = field(default_factory=list)  #: [] = the two smallest
     checkpoint: bool = False  #: recompute UNet calls in backward (flat memory in num_steps)
     diffusion_size: int = 0  #: image side fed to the VAE; 0 = the image size
@@ -127,7 +129,7 @@ class TrainLoopConfig:
     """The optimisation loop."""
 
     iterations: int = 200
-    accumulate: int = 4  #: K: optimizer.step() every K iterations (the seed's counter)
+    accumulate: int = 4  #: K: optimizer.step() every K iterations (the accumulation counter)
     lr: float = 0.05
     optimizer: str = "adam"  #: "adam" or "sgd"
     seed: int = 0

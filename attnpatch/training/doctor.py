@@ -1,10 +1,11 @@
-"""``attnpatch doctor``: the seed's checklist and failure classification, as measurements.
+"""``attnpatch doctor``: the pipeline checklist and its failure classes, as measurements.
 
 It runs a few instrumented iterations of the configured pipeline — the trainer's own loop,
 observed through its hooks — and prints one line per check: PASS / FAIL / WARN with the
-measured value. Every FAIL names the seed's cause it points to and a fix.
+measured value (:mod:`attnpatch.training.report`). Every FAIL names the class of bug it points
+to and a fix.
 
-The seed's checklist it covers: loss backward / optimizer step / grad zero; image range
+The checklist (docs/doctor.md) covers: loss backward / optimizer step / grad zero; image range
 [-1, 1] in the diffusion pipeline; RGB and CHW in classifier and diffusion pipeline; hijack
 removed after the attention maps; the losses logged separately; gradient enabled through DDIM
 inversion; gradient flow through the denoise process. Its failure classification: loss does
@@ -17,136 +18,18 @@ torch's RNG state are restored afterwards.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import AttnPatchError
 from ..hooks import attention_modules, is_hijacked
-from ..images import CLASSIFIER_RANGE, DIFFUSION_RANGE, check_image
-from .trainer import Forward, PatchTrainer
+from ..images import CLASSIFIER_RANGE, DIFFUSION_RANGE
+from .report import FAIL, PASS, WARN, Report, grad_norm, image_check
+from .trainer import IterationOutputs, PatchTrainer
 
-__all__ = ["Check", "Report", "diagnose", "doctor"]
-
-PASS, FAIL, WARN = "PASS", "FAIL", "WARN"
-
-# The seed's causes, quoted, with the fix for each.
-CAUSES = {
-    "grad_flow": ("loss doesn't change: check grad flow", "remove .detach()/no_grad on this path"),
-    "hijack": (
-        "loss doesn't change: check hijack hook",
-        "run ddim_denoise inside `with hijack(unet, store):`",
-    ),
-    "requires_grad": (
-        "loss doesn't change: check requires_grad",
-        "keep patch.pixels.requires_grad True (it is the parameter)",
-    ),
-    "zero_grad": (
-        "patch doesn't update: check gradient zero",
-        "call optimizer.zero_grad() only right after optimizer.step()",
-    ),
-    "backward": (
-        "patch doesn't update: check loss backward",
-        "call loss.backward() every iteration",
-    ),
-    "counter": (
-        "patch doesn't update: check counter update",
-        "counter += 1 each iteration; step and reset it when it reaches K",
-    ),
-    "range": (
-        "check image range [-1, 1] in diffusion pipeline",
-        "classifier side [0, 1]; to_diffusion_input() maps to [-1, 1]",
-    ),
-    "layout": (
-        "check RGB and CHW in classifier and diffusion pipeline",
-        "pass (B, 3, H, W) RGB: x.permute(0, 3, 1, 2) for channels-last",
-    ),
-    "remove_hijack": (
-        "REMOVE hijack after attention map calculation",
-        "use `with hijack(...)`, which restores the processors on exit",
-    ),
-    "frozen": (
-        "frozen models must get no gradient",
-        "model.eval().requires_grad_(False) for classifier, UNet, VAE, text encoder",
-    ),
-    "losses": (
-        "print three kinds of loss separately",
-        "add each term to LossTerms under its own name",
-    ),
-}
-
-
-@dataclass
-class Check:
-    """One line of the report."""
-
-    name: str
-    status: str
-    value: str
-    cause: str = ""
-
-    def line(self) -> str:
-        text = f"{self.status}  {self.name:<42} {self.value}"
-        if self.status != PASS and self.cause in CAUSES:
-            why, fix = CAUSES[self.cause]
-            text += f"\n      -> seed: {why}. Fix: {fix}."
-        return text
-
-
-@dataclass
-class Report:
-    """All checks, in order."""
-
-    checks: list[Check] = field(default_factory=list)
-
-    def add(self, name: str, status: str, value: str, cause: str = "") -> Check:
-        check = Check(name, status, value, cause)
-        self.checks.append(check)
-        return check
-
-    def __getitem__(self, name: str) -> Check:
-        for c in self.checks:
-            if c.name == name:
-                return c
-        raise KeyError(f"no check named {name!r}; checks: {[c.name for c in self.checks]}")
-
-    @property
-    def ok(self) -> bool:
-        return all(c.status != FAIL for c in self.checks)
-
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.status == FAIL]
-
-    def __str__(self) -> str:
-        n = {s: sum(c.status == s for c in self.checks) for s in (PASS, WARN, FAIL)}
-        lines = [c.line() for c in self.checks]
-        lines.append(f"{n[PASS]} passed, {n[WARN]} warnings, {n[FAIL]} failed")
-        return "\n".join(lines)
-
-
-def _norm(t: torch.Tensor | None) -> float:
-    return 0.0 if t is None else float(t.detach().float().norm())
-
-
-def _fmt_range(x: torch.Tensor) -> str:
-    x = x.detach()
-    return f"{tuple(x.shape)} in [{float(x.min()):.3g}, {float(x.max()):.3g}]"
-
-
-def _image_check(
-    report: Report, name: str, x: torch.Tensor, value_range: tuple[float, float]
-) -> bool:
-    try:
-        check_image(x.detach(), value_range, name=name)
-    except AttnPatchError as e:
-        cause = "layout" if ("channels" in str(e) or "4-D" in str(e)) else "range"
-        report.add(name, FAIL, str(e).split(";")[0][:110], cause)
-        return False
-    report.add(name, PASS, _fmt_range(x))
-    return True
+__all__ = ["diagnose", "doctor"]
 
 
 class _Observer:
@@ -162,24 +45,24 @@ class _Observer:
         self.stepped: list[bool] = []
         self.patch_changed: list[bool] = []
         self.terms: list[dict[str, float | None]] = []
-        self.first: Forward | None = None
+        self.first: IterationOutputs | None = None
         self._pixels = trainer.patch.pixels.detach().clone()
 
-    def on_forward(self, trainer: PatchTrainer, fwd: Forward) -> None:
+    def on_forward(self, trainer: PatchTrainer, fwd: IterationOutputs) -> None:
         grad = trainer.patch.pixels.grad
-        self.grad_before_backward.append(_norm(grad))
+        self.grad_before_backward.append(grad_norm(grad))
         self._before = None if grad is None else grad.detach().clone()
         if self.first is None:
             self.first = fwd
 
-    def on_backward(self, trainer: PatchTrainer, fwd: Forward) -> None:
+    def on_backward(self, trainer: PatchTrainer, fwd: IterationOutputs) -> None:
         grad = trainer.patch.pixels.grad
-        self.grad_after_backward.append(_norm(grad))
+        self.grad_after_backward.append(grad_norm(grad))
         before = self._before
         changed = grad is not None and (before is None or not torch.equal(grad, before))
         self.backward_changed.append(changed)
 
-    def on_iteration(self, trainer: PatchTrainer, fwd: Forward, stepped: bool) -> None:
+    def on_iteration(self, trainer: PatchTrainer, fwd: IterationOutputs, stepped: bool) -> None:
         self.counters.append(trainer.counter)
         self.stepped.append(stepped)
         pixels = trainer.patch.pixels.detach()
@@ -230,7 +113,7 @@ def _static_checks(report: Report, trainer: PatchTrainer) -> None:
 def _models(trainer: PatchTrainer) -> dict[str, torch.nn.Module]:
     parts = trainer.parts
     models = {"classifier": trainer.classifier, "unet": parts.unet, "vae": parts.vae}
-    for i, enc in enumerate(getattr(parts, "text_encoders", (parts.text_encoder,))):
+    for i, enc in enumerate(parts.text_encoders):
         models[f"text_encoder{'' if i == 0 else '_2'}"] = enc
     return models
 
@@ -245,7 +128,7 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
             batches(trainer.data, cfg.data.batch_size, seed=cfg.train.seed, start=trainer.iteration)
         )
     )
-    if not _image_check(report, "training images", images, CLASSIFIER_RANGE):
+    if not image_check(report, "training images", images, CLASSIFIER_RANGE):
         raise _Stop
     before = {name: m.processor for name, m in attention_modules(trainer.parts.unet)}
     indices = batch_indices(
@@ -263,10 +146,10 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
         else:
             report.add("forward pass", FAIL, msg[:140], "grad_flow")
         raise _Stop from None
-    _image_check(report, "classifier input", fwd.patched, CLASSIFIER_RANGE)
+    image_check(report, "classifier input", fwd.patched, CLASSIFIER_RANGE)
     res = fwd.attention
     if res is not None:
-        _image_check(report, "diffusion input", res.diffusion_input, DIFFUSION_RANGE)
+        image_check(report, "diffusion input", res.diffusion_input, DIFFUSION_RANGE)
         k = trainer.attention.num_steps
         steps = res.cross.num_steps
         ok = steps == k
@@ -296,7 +179,7 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
     )
 
 
-def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
+def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: IterationOutputs) -> None:
     """Which tensors each active loss term reaches, with non-zero gradient."""
     res = fwd.attention
     stages: dict[str, torch.Tensor] = {"patch": trainer.patch.pixels, "patched image": fwd.patched}
@@ -349,7 +232,7 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
         for s in stages:
             reached[s][term] = 0.0
         for s, g in zip(names, grads):
-            reached[s][term] = _norm(g)
+            reached[s][term] = grad_norm(g)
     for stage, tensor in stages.items():
         want = expected[stage] & set(term_fns)
         if not want:
@@ -373,13 +256,13 @@ def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: Forward) -> None:
             norms = ", ".join(f"{t} {reached[stage][t]:.2e}" for t in sorted(want))
             report.add(f"gradient flow: {stage}", PASS, f"|grad| {norms}")
     if res is not None:
-        # the denoise process itself must be differentiable (the seed's last danger item)
+        # the denoise process itself must be differentiable (the checklist's last item)
         ok = res.denoised.requires_grad
         if ok:
             (g,) = torch.autograd.grad(
                 res.denoised.float().square().mean(), [res.zT], retain_graph=True, allow_unused=True
             )
-            ok = _norm(g) > 0
+            ok = grad_norm(g) > 0
         report.add(
             "gradient flow: denoised latent",
             PASS if ok else FAIL,
@@ -498,25 +381,13 @@ def _loop_checks(report: Report, trainer: PatchTrainer, n: int, K: int) -> None:
 
 
 def _snapshot(trainer: PatchTrainer) -> dict[str, Any]:
-    grad = trainer.patch.pixels.grad
-    return {
-        "pixels": trainer.patch.pixels.detach().clone(),
-        "grad": None if grad is None else grad.clone(),
-        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
-        "counters": (trainer.iteration, trainer.counter, trainer.steps),
-        "rng": torch.get_rng_state(),
-        "references": dict(trainer._references),
-    }
+    return {"pixels": trainer.patch.pixels.detach().clone(), "state": trainer.state_dict()}
 
 
 def _restore(trainer: PatchTrainer, saved: dict[str, Any]) -> None:
     with torch.no_grad():
         trainer.patch.pixels.copy_(saved["pixels"])
-    trainer.patch.pixels.grad = saved["grad"]
-    trainer.optimizer.load_state_dict(saved["optimizer"])
-    trainer.iteration, trainer.counter, trainer.steps = saved["counters"]
-    torch.set_rng_state(saved["rng"])
-    trainer._references = saved["references"]
+    trainer.load_state_dict(saved["state"])
 
 
 def doctor(config: Any, *, iterations: int | None = None) -> Report:

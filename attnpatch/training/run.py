@@ -32,7 +32,7 @@ from ..patch import EOT, AdversarialPatch
 from . import viz
 from .config import TrainConfig, config_to_dict
 from .evaluate import EvalResult, evaluate_patch
-from .trainer import TERMS, PatchTrainer
+from .trainer import TERMS, PatchTrainer, attention_pipeline
 
 __all__ = ["build_trainer", "run_training", "RunResult", "resolve_device"]
 
@@ -184,7 +184,7 @@ def run_training(
         trainer.classifier,
         patch,
         images,
-        trainer.label_map[labels],  # classifier output indices
+        trainer.logit_index[labels],  # classifier output indices
         target=target,
         eot_samples=cfg.eval.eot_samples,
         seed=cfg.train.seed,
@@ -224,17 +224,8 @@ def attention_heatmaps(
     trainer: PatchTrainer, patched: torch.Tensor, labels: torch.Tensor, path: Path
 ) -> None:
     """The label tokens' cross-attention over one patched image, per denoising step."""
-    from ..diffusion import AttentionPipeline
-
-    pipe = trainer.attention
-    if pipe is None:  # attention losses off: build a pipeline just for the figure
-        a = trainer.config.attention
-        pipe = AttentionPipeline(
-            trainer.parts,
-            num_inference_steps=a.num_inference_steps,
-            num_steps=a.num_steps,
-            image_size=a.diffusion_size or trainer.config.data.image_size,
-        )
+    # attention losses off: a pipeline just for the figure
+    pipe = trainer.attention or attention_pipeline(trainer.config, trainer.parts)
     label = int(labels[0])
     tokens = trainer.tokens[label]
     with torch.no_grad():

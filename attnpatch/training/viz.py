@@ -13,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from .._util import atomic_write
+from ..images import to_pil as _to_pil
+
 __all__ = ["to_pil", "image_grid", "heatmap", "attention_figure", "loss_curves"]
 
 
 def to_pil(image: torch.Tensor, scale: int = 1) -> Image.Image:
     """``(3, H, W)`` in [0, 1] -> RGB image, nearest-upscaled by ``scale``."""
-    x = image.detach().float().cpu().clamp(0, 1)
+    x = image.detach().float().cpu()
     if scale > 1:
         x = F.interpolate(x[None], scale_factor=scale, mode="nearest")[0]
-    array = (x * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-    return Image.fromarray(array, "RGB")
+    return _to_pil(x)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, scale: int = 4, pad: int = 2) -> Image.Image:
@@ -118,7 +120,5 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
 
 def save(image: Image.Image, path: str | os.PathLike) -> None:
     """Write a PNG atomically."""
-    path = os.fspath(path)
-    tmp = path + ".tmp.png"
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -1,8 +1,6 @@
-"""Tests for attnpatch.data: image folders, CSVs, resumable batches, synthetic shapes, prompts."""
+"""Image folders, CSVs and in-memory sets (attnpatch/data/folder.py)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
@@ -11,15 +9,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from attnpatch.data import (
-    SHAPE_CLASSES,
-    SHAPES,
     ImageFolder,
     ShapesConfig,
     TensorImageDataset,
-    batch_indices,
-    batches,
-    prompt_for,
-    prompts_for,
     shapes_dataset,
     write_image_folder,
 )
@@ -215,220 +207,7 @@ def test_csv_errors_name_file_and_line(folder, tmp_path):
         ImageFolder(bad, size=8, classes=["cat", "dog"])
 
 
-# --------------------------------------------------------------------------- batches
-
-
-def _labelled(n: int) -> TensorImageDataset:
-    images = torch.rand(n, 3, 2, 2, generator=torch.Generator().manual_seed(n))
-    return TensorImageDataset(images, torch.arange(n) % 3, ["a", "b", "c"])
-
-
-class _ItemOnly(torch.utils.data.Dataset):
-    """Items are their own index encoded in the pixels: no get_batch fast path."""
-
-    classes = ["x"]
-
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.full((3, 2, 2), i / 100), 0
-
-
-def _ids(images: torch.Tensor) -> list[int]:
-    return (images[:, 0, 0, 0] * 100).round().long().tolist()
-
-
-@pytest.mark.parametrize("n,bs,drop_last", [(10, 3, False), (10, 3, True), (7, 1, False)])
-def test_batches_resume_equals_tail_of_full_run(n, bs, drop_last):
-    ds = _ItemOnly(n)
-    total = 4 * math.ceil(n / bs) + 1  # several epochs
-    full = [(i, _ids(x)) for i, x, _ in batches(ds, bs, seed=3, stop=total, drop_last=drop_last)]
-    assert [i for i, _ in full] == list(range(total))
-    for start in (1, total // 2, total - 1):
-        tail = [
-            (i, _ids(x))
-            for i, x, _ in batches(ds, bs, seed=3, start=start, stop=total, drop_last=drop_last)
-        ]
-        assert tail == full[start:]
-    # batch_indices is the same pure function.
-    for i, ids in full:
-        assert batch_indices(n, bs, i, seed=3, drop_last=drop_last) == ids
-
-
-def test_each_epoch_is_a_fresh_permutation():
-    n, bs = 9, 2
-    ds = _ItemOnly(n)
-    per_epoch = math.ceil(n / bs)
-    got = [_ids(x) for _, x, _ in batches(ds, bs, seed=0, stop=3 * per_epoch)]
-    epochs = [sum(got[e * per_epoch : (e + 1) * per_epoch], []) for e in range(3)]
-    for order in epochs:
-        assert sorted(order) == list(range(n))
-    assert len({tuple(o) for o in epochs}) == 3  # different orders
-    assert epochs[0] != [
-        i for x in batches(ds, bs, seed=1, stop=per_epoch) for i in _ids(x[1])
-    ]  # seed matters
-    plain = [
-        i for _, x, _ in batches(ds, bs, seed=0, stop=per_epoch, shuffle=False) for i in _ids(x)
-    ]
-    assert plain == list(range(n))
-
-
-def test_batches_never_touch_the_global_rng():
-    ds = _labelled(10)
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    a = [y.tolist() for _, _, y in batches(ds, 4, seed=5, stop=7)]
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(999)
-    b = [y.tolist() for _, _, y in batches(ds, 4, seed=5, stop=7)]
-    assert a == b
-
-
-def test_get_batch_fast_path_and_worker_path_match_item_path():
-    ds = _labelled(11)
-
-    class Plain(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(ds)
-
-        def __getitem__(self, i):
-            return ds[i]
-
-    fast = list(batches(ds, 4, seed=2, stop=5))
-    slow = list(batches(Plain(), 4, seed=2, stop=5))
-    for (i, x, y), (j, u, v) in zip(fast, slow):
-        assert i == j and torch.equal(x, u) and torch.equal(y, v)
-        assert x.shape[1:] == (3, 2, 2) and y.dtype == torch.int64
-    state = torch.get_rng_state()
-    workers = list(batches(Plain(), 4, seed=2, stop=5, num_workers=1))
-    assert torch.equal(torch.get_rng_state(), state)
-    for (_, x, y), (_, u, v) in zip(fast, workers):
-        assert torch.equal(x, u) and torch.equal(y, v)
-
-
-def test_batches_infinite_and_errors():
-    ds = _labelled(3)
-    it = batches(ds, 2, seed=0)
-    assert [next(it)[0] for _ in range(10)] == list(range(10))
-    with pytest.raises(AttnPatchError, match="batch_size"):
-        next(batches(ds, 0, seed=0))
-    with pytest.raises(AttnPatchError, match="empty data set"):
-        next(batches(_ItemOnly(0), 1, seed=0))
-    with pytest.raises(AttnPatchError, match="drop_last"):
-        next(batches(ds, 4, seed=0, drop_last=True))
-    with pytest.raises(AttnPatchError, match="start"):
-        next(batches(ds, 1, seed=0, start=-1))
-
-    class Ragged(torch.utils.data.Dataset):
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, i):
-            return torch.zeros(3, 4 + i, 4), 0
-
-    with pytest.raises(AttnPatchError, match="different sizes.*size="):
-        next(batches(Ragged(), 2, seed=0))
-
-
-# --------------------------------------------------------------------------- synthetic shapes
-
-
-def _grid_area(name: str, steps: int = 801) -> float:
-    t = torch.linspace(-1.2, 1.2, steps, dtype=torch.float64)
-    v, u = torch.meshgrid(t, t, indexing="ij")
-    cell = (2.4 / (steps - 1)) ** 2
-    return float(SHAPES[name](u, v).double().sum()) * cell
-
-
-@pytest.mark.parametrize(
-    "name,area",
-    [
-        ("circle", math.pi * 0.85**2),
-        ("ring", math.pi * (0.95**2 - 0.55**2)),
-        ("square", 1.44**2),
-        ("diamond", 2 * 0.95**2),
-        ("cross", 2 * 0.56 * 1.9 - 0.56**2),
-        ("triangle", 3 * math.sqrt(3) / 4),  # equilateral, circumradius 1
-        ("star", 5 * 1.0 * 0.45 * math.sin(math.pi / 5)),  # 10 triangles O-outer-inner
-    ],
-)
-def test_shape_areas_match_formulas(name, area):
-    assert _grid_area(name) == pytest.approx(area, rel=0.01)
-
-
-def test_triangle_and_star_point_up():
-    pts_u = torch.tensor([0.0, 0.0])
-    pts_v = torch.tensor([-0.9, 0.9])  # v grows downwards: first point is near the top
-    assert SHAPES["triangle"](pts_u, pts_v).tolist() == [True, False]
-    assert SHAPES["star"](pts_u, pts_v).tolist() == [True, False]
-
-
-def test_shapes_dataset_deterministic_balanced_quantised():
-    cfg = ShapesConfig(train_per_class=6, heldout_per_class=3, size=16)
-    a, b = shapes_dataset(cfg), shapes_dataset(cfg)
-    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    assert a.classes == list(SHAPE_CLASSES) == sorted(SHAPE_CLASSES)
-    assert tuple(a.images.shape) == (30, 3, 16, 16)
-    assert torch.bincount(a.labels).tolist() == [6] * 5
-    assert float(a.images.min()) >= 0 and float(a.images.max()) <= 1
-    torch.testing.assert_close(a.images * 255, (a.images * 255).round(), rtol=0, atol=1e-4)
-    other_seed = shapes_dataset(
-        ShapesConfig(train_per_class=6, heldout_per_class=3, seed=1, size=16)
-    )
-    assert not torch.equal(a.images, other_seed.images)
-    held = shapes_dataset(cfg, "heldout")
-    assert len(held) == 15
-    flat_train, flat_held = a.images.flatten(1), held.images.flatten(1)
-    assert torch.cdist(flat_held, flat_train).min() > 1.0  # no shared images
-    state = torch.get_rng_state()
-    shapes_dataset(cfg)
-    assert torch.equal(torch.get_rng_state(), state)
-
-
-def test_shape_contrasts_with_background_in_some_channel():
-    """Fill and background come from opposite HSV-value bands: >= 0.25 apart in some channel."""
-    cfg = ShapesConfig()
-    labels = torch.arange(100) % 5
-    images, alpha = data.render_shapes(
-        labels, cfg.classes, 32, generator=torch.Generator().manual_seed(0), return_masks=True
-    )
-    assert tuple(alpha.shape) == (100, 1, 32, 32)
-    inside, outside = alpha == 1, alpha == 0
-    assert inside.flatten(1).any(1).all() and outside.flatten(1).any(1).all()
-    fill = (images * inside).sum((2, 3)) / inside.sum((2, 3))  # (N, 3) mean colours
-    for k in range(100):
-        background = images[k][:, outside[k, 0]]  # (3, P)
-        gap = (fill[k][:, None] - background).abs().amax(0)  # best channel, per pixel
-        assert float(gap.quantile(0.05)) > 0.15  # 0.25 minus pixel noise
-    # Shape sizes: coverage = area(shape) * radius^2 with radius in [0.22, 0.36] * 32 px.
-    frac = alpha.flatten(1).sum(1) / 32**2
-    circle = frac[labels == 0]
-    lo, hi = math.pi * 0.85**2 * 0.22**2, math.pi * 0.85**2 * 0.36**2
-    assert float(circle.min()) > 0.9 * lo and float(circle.max()) < 1.1 * hi
-
-
-def test_shape_classes_are_single_tiny_tokens():
-    from attnpatch.testing import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    for name in SHAPE_CLASSES:
-        ids = tok(name, add_special_tokens=False).input_ids
-        assert len(ids) == 1, name
-        assert ids[0] in tok(prompt_for(name)).input_ids
-
-
-def test_config_validation():
-    with pytest.raises(AttnPatchError, match="unknown shape classes.*hexagon"):
-        ShapesConfig(classes=("circle", "hexagon"))
-    with pytest.raises(AttnPatchError, match="distinct"):
-        ShapesConfig(classes=("circle", "circle"))
-    with pytest.raises(AttnPatchError, match="split"):
-        shapes_dataset(ShapesConfig(train_per_class=1), "test")
-    assert ShapesConfig().key() == ShapesConfig().key() != ShapesConfig(seed=1).key()
+# --------------------------------------------------------------------------- in-memory sets and writing
 
 
 def test_write_image_folder_reads_back_identical(tmp_path):
@@ -454,19 +233,19 @@ def test_tensor_dataset_validation():
         TensorImageDataset(torch.rand(2, 3, 4, 4), torch.tensor([0.0, 0.0]), ["a"])
 
 
-# --------------------------------------------------------------------------- prompts
+def test_bad_sizes_raise(folder):
+    root, _ = folder
+    for size in (0, (8, -1), (8, 8, 8), "big"):
+        with pytest.raises(AttnPatchError, match="size must be a positive int"):
+            ImageFolder(root, size=size)
+    assert ImageFolder(root, size=None).size is None  # None keeps the native sizes
+    assert ImageFolder(root, size=(6, 4)).size == (6, 4)
 
 
-def test_prompts():
-    assert prompt_for("star") == "a photo of a star"
-    assert prompt_for("red car", "a painting of a {label}, close up") == (
-        "a painting of a red car, close up"
-    )
-    assert prompts_for(torch.tensor([2, 0]), ["cat", "dog", "frog"]) == [
-        "a photo of a frog",
-        "a photo of a cat",
-    ]
-    with pytest.raises(AttnPatchError, match="placeholder"):
-        prompt_for("cat", "a photo of a cat")
-    with pytest.raises(AttnPatchError, match="outside"):
-        prompts_for([3], ["cat"])
+def test_docstring_examples_run():
+    import doctest
+
+    import attnpatch.data.folder
+
+    result = doctest.testmod(attnpatch.data.folder)
+    assert result.attempted > 0 and result.failed == 0

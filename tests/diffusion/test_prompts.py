@@ -1,19 +1,16 @@
-"""encode_prompt against diffusers' pipelines, the embedding cache, token_indices, SDXL ids."""
+"""encode_prompt against diffusers' pipelines, class prompts, token_indices, SDXL ids."""
 
 from __future__ import annotations
 
 import copy
-import gc
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from torch import nn
 
-import attnpatch.diffusion.prompts as prompts_mod
 from attnpatch.diffusion.prompts import (
     PromptEmbeds,
-    cached_embeddings,
+    class_prompt,
     encode_prompt,
     sdxl_added_cond_kwargs,
     token_indices,
@@ -39,15 +36,6 @@ def sd_xl():
     return tiny_sd("sdxl")
 
 
-class _ForwardCounter:
-    def __init__(self, module: nn.Module):
-        self.n = 0
-        self.handle = module.register_forward_hook(self._hook)
-
-    def _hook(self, *args):
-        self.n += 1
-
-
 def _xl_pipeline(sd_xl, text_encoder=None, tokenizer=None):
     return StableDiffusionXLPipeline(
         vae=sd_xl.vae,
@@ -70,7 +58,7 @@ def test_matches_diffusers_sd_pipeline(variant):
     pipe = parts.pipeline()
     with torch.no_grad():
         ref_cond, ref_uncond = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
-    got = encode_prompt(parts.tokenizer, parts.text_encoder, PROMPTS, cache=False)
+    got = encode_prompt(parts.tokenizer, parts.text_encoder, PROMPTS)
     assert isinstance(got, PromptEmbeds) and got.pooled is None and got.uncond_pooled is None
     assert got.cond.shape == (2, 77, parts.text_encoder.config.hidden_size)
     torch.testing.assert_close(got.cond, ref_cond, atol=1e-6, rtol=1e-6)
@@ -83,7 +71,7 @@ def test_matches_diffusers_sdxl_pipeline(sd_xl):
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             PROMPTS, device="cpu", negative_prompt=["", ""]
         )
-    got = encode_prompt(sd_xl.tokenizer, sd_xl.text_encoder, PROMPTS, cache=False)
+    got = encode_prompt(sd_xl.tokenizer, sd_xl.text_encoder, PROMPTS)
     for a, b in zip(got, (cond, uncond, pooled, uncond_pooled)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert got.pooled.shape == (2, 16)
@@ -96,14 +84,14 @@ def test_matches_diffusers_sdxl_two_encoders(sd_xl, tok):
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
             PROMPTS, device="cpu", negative_prompt=["", ""]
         )
-    got = encode_prompt((tok, sd_xl.tokenizer), (first, sd_xl.text_encoder), PROMPTS, cache=False)
+    got = encode_prompt((tok, sd_xl.tokenizer), (first, sd_xl.text_encoder), PROMPTS)
     assert got.cond.shape == (2, 77, 8 + 16)
     for a, b in zip(got, (cond, uncond, pooled, uncond_pooled)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_negative_prompts_and_shapes(sd):
-    one = encode_prompt(sd.tokenizer, sd.text_encoder, "a cat", cache=False)
+    one = encode_prompt(sd.tokenizer, sd.text_encoder, "a cat")
     assert one.cond.shape == one.uncond.shape == (1, 77, 8)
     many = encode_prompt(sd.tokenizer, sd.text_encoder, PROMPTS, negative_prompt="noise")
     noise = encode_prompt(sd.tokenizer, sd.text_encoder, "noise")
@@ -119,99 +107,50 @@ def test_negative_prompts_and_shapes(sd):
         encode_prompt([sd.tokenizer, sd.tokenizer], sd.text_encoder, PROMPTS)
 
 
-def test_cache_encodes_each_prompt_once(sd):
-    encoder = copy.deepcopy(sd.text_encoder)  # a fresh identity: no entries from other tests
-    spy = _ForwardCounter(encoder)
-    first = encode_prompt(sd.tokenizer, encoder, ["a cat", "a dog", "a cat"])
-    assert spy.n == 3  # "a cat", "a dog", "" (the repeated prompt is encoded once)
-    for _ in range(3):
-        again = encode_prompt(sd.tokenizer, encoder, ["a cat", "a dog", "a cat"])
-    assert spy.n == 3
-    torch.testing.assert_close(again.cond, first.cond, atol=0, rtol=0)
-    encode_prompt(sd.tokenizer, encoder, ["a dog", "a bird"])  # only "a bird" is new
-    assert spy.n == 4
-    uncached = encode_prompt(sd.tokenizer, encoder, ["a cat", "a dog", "a cat"], cache=False)
-    assert spy.n == 7
-    torch.testing.assert_close(uncached.cond, first.cond, atol=0, rtol=0)
+class _ForwardCounter:
+    """Counts the encoder's forward calls and the rows each one got."""
+
+    def __init__(self, module):
+        self.rows = []
+        self.handle = module.register_forward_pre_hook(
+            lambda m, args: self.rows.append(args[0].shape[0])
+        )
 
 
-def test_cache_refreshes_when_weights_change_and_detaches(sd):
-    encoder = copy.deepcopy(sd.text_encoder).requires_grad_(True)
-    spy = _ForwardCounter(encoder)
-    before = encode_prompt(sd.tokenizer, encoder, "a cat")
-    assert not before.cond.requires_grad and not before.uncond.requires_grad
-    with torch.no_grad():
-        encoder.final_layer_norm.bias.add_(1.0)  # an in-place update, as optimisers do
-    after = encode_prompt(sd.tokenizer, encoder, "a cat")
-    assert spy.n == 4
-    torch.testing.assert_close(after.cond, before.cond + 1.0, atol=1e-5, rtol=0)
-    assert all(p.grad is None for p in encoder.parameters())
-
-
-def test_cache_filled_under_inference_mode_serves_training(sd):
+def test_each_distinct_text_is_encoded_once_in_one_call(sd):
     encoder = copy.deepcopy(sd.text_encoder)
-    with torch.inference_mode():
-        encode_prompt(sd.tokenizer, encoder, "a cat")
-    emb = encode_prompt(sd.tokenizer, encoder, "a cat")
-    assert not emb.cond.is_inference() and not emb.uncond.is_inference()
-    w = torch.ones(8, requires_grad=True)
-    x = torch.nn.functional.linear(emb.cond, torch.eye(8) * w)  # saves emb.cond for backward
-    x.sum().backward()
-    assert w.grad is not None
+    spy = _ForwardCounter(encoder)
+    got = encode_prompt(sd.tokenizer, encoder, ["a cat", "a dog", "a cat"], negative_prompt="")
+    assert spy.rows == [3]  # "a cat", "a dog", "" in one batch
+    torch.testing.assert_close(got.cond[0], got.cond[2], atol=0, rtol=0)
+    alone = [encode_prompt(sd.tokenizer, encoder, p) for p in ("a cat", "a dog")]
+    torch.testing.assert_close(got.cond[1], alone[1].cond[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.uncond, alone[0].uncond.expand(3, -1, -1), atol=1e-6, rtol=1e-6)
+    assert not got.cond.requires_grad and all(p.grad is None for p in encoder.parameters())
+    with torch.enable_grad():
+        encoder.requires_grad_(True)
+        e = encode_prompt(sd.tokenizer, encoder, "a cat")
+    assert not e.cond.requires_grad  # the encoder runs under no_grad: no graph into it
 
 
-def test_cache_forgets_collected_encoders(sd):
-    gc.collect()  # encoders of earlier tests leave first
-    cache_len = len(prompts_mod._encode_one_cached)
-    encoder = copy.deepcopy(sd.text_encoder)
-    encode_prompt(sd.tokenizer, encoder, ["x1 y1", "x2 y2"])
-    assert len(prompts_mod._encode_one_cached) == cache_len + 3
-    del encoder
-    gc.collect()
-    assert len(prompts_mod._encode_one_cached) == cache_len
+def test_take_selects_rows_of_every_field(sd_xl):
+    e = encode_prompt(sd_xl.tokenizer, sd_xl.text_encoder, PROMPTS, negative_prompt=["x", "y"])
+    t = e.take(torch.tensor([1, 1, 0]))
+    assert isinstance(t, PromptEmbeds) and t.cond.shape[0] == 3
+    for got, full in zip(t, e):
+        torch.testing.assert_close(got, full[[1, 1, 0]], atol=0, rtol=0)
+    plain = encode_prompt(sd_xl.tokenizer, sd_xl.text_encoder, "a cat")._replace(pooled=None)
+    assert plain.take([0, 0]).pooled is None
 
 
-def test_cached_embeddings_decorator():
-    calls = []
-
-    @cached_embeddings(maxsize=2)
-    def build(encoder, texts, scale=1.0):
-        calls.append((tuple(texts), scale))
-        return {"emb": encoder(torch.ones(len(texts), 2)) * scale, "n": len(texts)}
-
-    enc = nn.Linear(2, 3)
-    a = build(enc, ["a", "b"])
-    assert build(enc, ["a", "b"]) is a and len(calls) == 1
-    assert not a["emb"].requires_grad and a["n"] == 2
-    build(enc, ["a", "b"], scale=2.0)  # a different key
-    build(enc, ("a", "b"))  # a tuple is not the list: a third entry evicts the oldest
-    assert len(calls) == 3 and len(build) == 2
-    build(enc, ["a", "b"])
-    assert len(calls) == 4 and build.hits == 1 and build.misses == 4
-    other = nn.Linear(2, 3)
-    build(other, ["a", "b"])
-    assert len(calls) == 5
-    build.cache_clear()
-    assert len(build) == 0
-
-
-def test_cached_embeddings_with_unweakrefable_owner():
-    class Slotted:
-        __slots__ = ("value",)
-
-        def __init__(self, value):
-            self.value = value
-
-    @cached_embeddings
-    def build(owner):
-        return torch.full((1,), float(owner.value))
-
-    owner = Slotted(3)
-    assert build(owner).item() == 3.0 and build(owner) is build(owner)
-    assert build.misses == 1
-
-
-# ----------------------------------------------------------------------------- token_indices
+def test_class_prompt():
+    assert class_prompt("star") == "a photo of a star"
+    assert class_prompt("cat", "a close up view of a {label}") == "a close up view of a cat"
+    assert class_prompt("a{b}", "{label}!") == "a{b}!"  # braces in a name are kept verbatim
+    with pytest.raises(AttnPatchError, match="no '\\{label\\}' placeholder"):
+        class_prompt("cat", "a photo of a cat")
+    with pytest.raises(AttnPatchError, match="label name is empty"):
+        class_prompt(" ")
 
 
 def _position(tok, prompt, token):

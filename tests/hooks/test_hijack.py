@@ -308,3 +308,32 @@ def test_unobserved_layers_keep_a_custom_original_processor(sd15):
     assert (out - ref).abs().max() <= 1e-5
     assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
     unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_checkpointing_enabled_inside_the_block_is_refused():
+    unet = tiny_unet("sd15")
+    x, e, _ = unet_inputs(unet, requires_grad=True)
+    try:
+        with ap.hijack(unet, ap.AttentionStore()):
+            unet.enable_gradient_checkpointing()
+            with pytest.raises(ap.AttnPatchError, match="before entering the block"):
+                unet(x, 10, e)
+            with torch.no_grad():
+                unet(x, 10, e)  # without grad nothing is recomputed: allowed
+    finally:
+        unet.disable_gradient_checkpointing()
+
+
+def test_diffusers_checkpoint_function_is_swapped_only_inside_the_block():
+    """Pins the private diffusers attribute the replay swaps: the same object is back after."""
+    unet = tiny_unet("sd15")
+    unet.enable_gradient_checkpointing()
+    try:
+        blocks = [b for b in unet.modules() if getattr(b, "gradient_checkpointing", False)]
+        before = [b._gradient_checkpointing_func for b in blocks]
+        assert blocks
+        with ap.hijack(unet, ap.AttentionStore()):
+            assert all(b._gradient_checkpointing_func is not f for b, f in zip(blocks, before))
+        assert all(b._gradient_checkpointing_func is f for b, f in zip(blocks, before))
+    finally:
+        unet.disable_gradient_checkpointing()

@@ -11,10 +11,11 @@ from torch.utils.data import Dataset
 import attnpatch as ap
 import attnpatch.diffusion.pipeline as attention_pipeline
 from attnpatch.data import ShapesConfig, shapes_dataset
-from attnpatch.models.registry import load_diffusion
+from attnpatch.models import load_diffusion
 from attnpatch.testing import tiny_classifier
 from attnpatch.training.config import config_from_dict
-from attnpatch.training.doctor import CAUSES, FAIL, PASS, diagnose
+from attnpatch.training.doctor import diagnose
+from attnpatch.training.report import CAUSES, FAIL, PASS
 from attnpatch.training.run import build_patch
 
 K = 2
@@ -53,7 +54,7 @@ def assert_fail(report, name, cause):
     check = report[name]
     assert check.status == FAIL, report
     assert check.cause == cause, report
-    assert CAUSES[cause][0] in check.line()  # names the seed's cause and a fix in the report
+    assert CAUSES[cause][0] in check.line()  # names the cause and a fix in the report
     assert "Fix:" in check.line()
 
 

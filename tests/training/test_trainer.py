@@ -9,7 +9,7 @@ import torch
 
 import attnpatch as ap
 from attnpatch.data import ShapesConfig, TensorImageDataset, shapes_dataset
-from attnpatch.models.registry import load_diffusion
+from attnpatch.models import load_diffusion
 from attnpatch.testing import tiny_classifier
 from attnpatch.training.config import config_from_dict
 from attnpatch.training.run import build_patch
@@ -222,7 +222,7 @@ def test_labels_map_to_a_larger_classifier_by_name(parts, data):
 
     trainer = make_trainer(make_config(), parts, data, classifier=Named())
     expected = [names.index(c) for c in data.classes]
-    assert trainer.label_map.tolist() == expected
+    assert trainer.logit_index.tolist() == expected
     images, labels = data.get_batch([0, 1, 2])
     fwd = trainer.forward(images, labels)
     assert fwd.targets.tolist() == [expected[int(y)] for y in labels]

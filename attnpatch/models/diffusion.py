@@ -1,0 +1,142 @@
+"""Diffusion stacks in one fixed form: local diffusers folders, conversion and checks.
+
+:func:`load_diffusers_folder` reads a model folder offline; :func:`as_parts` turns whatever a
+factory returned into a :class:`~attnpatch.diffusion.DiffusionParts` with a ``DDIMScheduler``,
+every network frozen and in eval mode, and the text encoder width(s) checked against the UNet.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._util import freeze
+from ..diffusion import DiffusionParts
+from ..errors import AttnPatchError
+
+__all__ = ["load_diffusers_folder", "as_parts", "detect_variant"]
+
+_PART_FIELDS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def as_parts(obj: Any, spec: Any) -> DiffusionParts:
+    """``obj`` (a ``DiffusionParts`` or any object with its fields) -> a checked ``DiffusionParts``.
+
+    The scheduler becomes a ``DDIMScheduler``, every network is frozen and in eval mode, a
+    missing ``variant`` is read from the UNet config (:func:`detect_variant`). ``spec`` names
+    the source in errors: missing fields, text encoder width(s) that do not add up to the UNet's
+    ``cross_attention_dim``, an unknown variant.
+    """
+    if isinstance(obj, DiffusionParts):
+        parts = obj
+    else:
+        missing = [f for f in _PART_FIELDS if getattr(obj, f, None) is None]
+        if missing:
+            raise AttnPatchError(
+                f"diffusion spec {spec!r} gave a {type(obj).__name__} without {missing}; return "
+                "a DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, variant)"
+            )
+        kw = {f.name: getattr(obj, f.name, None) for f in fields(DiffusionParts)}
+        kw["variant"] = kw["variant"] or detect_variant(obj.unet)
+        parts = DiffusionParts(**kw)
+    _to_ddim(parts)
+    for m in parts.modules():
+        freeze(m)
+    _check_parts(parts, spec)
+    return parts
+
+
+def _to_ddim(parts: DiffusionParts) -> None:
+    from diffusers import DDIMScheduler
+
+    if not isinstance(parts.scheduler, DDIMScheduler):
+        parts.scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+
+
+def detect_variant(unet: Any) -> str:
+    """``"sdxl"`` for text-time conditioning, ``"sd2"`` for linear projections, else ``"sd15"``."""
+    cfg = unet.config
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if getattr(cfg, "use_linear_projection", False):
+        return "sd2"
+    return "sd15"
+
+
+def _check_parts(parts: DiffusionParts, spec: Any) -> None:
+    widths = [te.config.hidden_size for te in parts.text_encoders]
+    cross = parts.unet.config.cross_attention_dim
+    if sum(widths) != cross:
+        raise AttnPatchError(
+            f"diffusion stack {spec!r}: the UNet's cross_attention_dim is {cross} but the text "
+            f"encoder(s) give {widths} (sum {sum(widths)}); load the text encoder(s) of the same "
+            "model (SDXL needs text_encoder and text_encoder_2)"
+        )
+    if parts.variant not in ("sd15", "sd2", "sdxl"):
+        raise AttnPatchError(
+            f"diffusion stack {spec!r}: variant must be 'sd15', 'sd2' or 'sdxl', got "
+            f"{parts.variant!r}"
+        )
+
+
+def load_diffusers_folder(
+    folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> DiffusionParts:
+    """Read a diffusers model folder offline (``local_files_only=True``): SD1.x, SD2.x, SDXL.
+
+    The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``
+    (and for SDXL ``text_encoder_2/``, ``tokenizer_2/``): what ``save_pretrained`` writes, or
+    ``huggingface-cli download <repo> --local-dir <folder>`` fetches. Weights load as
+    ``safetensors`` when present. The variant is read from the UNet config (see
+    :func:`detect_variant`); the scheduler is built as a ``DDIMScheduler`` from
+    ``scheduler/scheduler_config.json`` whatever class it names (``prediction_type`` kept).
+    A second encoder is loaded only when ``text_encoder_2/`` exists, as
+    ``CLIPTextModelWithProjection``.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    root = Path(folder).expanduser()
+    if root.is_file():
+        raise AttnPatchError(
+            f"{str(root)!r} is a single file; attnpatch reads diffusers model folders. Convert "
+            "it once: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
+        )
+    needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    missing = [d for d in needed if not (root / d).is_dir()]
+    if missing:
+        raise AttnPatchError(
+            f"{str(root)!r} is not a complete diffusers model folder: {missing} missing. Pass the "
+            f"folder that holds {needed} (e.g. from save_pretrained or huggingface-cli download "
+            "--local-dir)"
+        )
+    kw: dict[str, Any] = {"local_files_only": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw)
+        variant = detect_variant(unet)
+        has_second = (root / "text_encoder_2").is_dir()
+        if has_second:
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                root / "text_encoder_2", dtype=dtype, **kw
+            )
+            tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", **kw)
+        else:
+            cls = CLIPTextModelWithProjection if variant == "sdxl" else CLIPTextModel
+            text_encoder = cls.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            text_encoder_2 = tokenizer_2 = None
+        tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", **kw)
+        scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(root / "scheduler"))
+    except (OSError, ValueError) as e:
+        raise AttnPatchError(
+            f"cannot load the diffusers folder {str(root)!r}: {type(e).__name__}: {e}. Check "
+            "that its weights and configs are complete (re-download or re-save it)"
+        ) from e
+    return DiffusionParts(
+        unet, vae, text_encoder, tokenizer, scheduler, variant, text_encoder_2, tokenizer_2
+    )

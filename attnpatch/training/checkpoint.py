@@ -1,0 +1,131 @@
+"""Checkpoints of a patch-training run: written atomically, read back exactly.
+
+A checkpoint is a folder ``checkpoints/it-NNNNNN/`` holding
+
+* ``patch.safetensors`` — the patch (:meth:`attnpatch.AdversarialPatch.save`);
+* ``state.pt`` — the loop's state (:meth:`attnpatch.PatchTrainer.state_dict`: iteration,
+  accumulation counter, optimizer steps, optimizer state, the accumulated gradient, torch's RNG
+  state);
+* ``config.json`` — the run's config.
+
+``checkpoints/latest`` names the newest folder. Each folder is written under a temporary name
+and renamed into place, and ``latest`` is replaced atomically, so a run killed at any moment
+leaves the previous checkpoint readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._util import atomic_write
+from ..errors import AttnPatchError
+from ..patch import AdversarialPatch
+
+__all__ = ["write_checkpoint", "read_checkpoint", "checkpoint_folder", "truncate_metrics"]
+
+#: Config fields that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = {
+    "train.iterations",
+    "train.progress",
+    "train.checkpoint_every",
+    "train.out_dir",
+}
+
+
+def write_checkpoint(
+    root: Path, patch: AdversarialPatch, state: dict[str, Any], config: dict[str, Any]
+) -> Path:
+    """Write ``root/it-NNNNNN/`` (``NNNNNN = state["iteration"]``), point ``root/latest`` at it
+    and delete older checkpoint folders; returns the new folder."""
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"it-{state['iteration']:06d}"
+    tmp = root / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    patch.save(tmp / "patch.safetensors", extra={"iteration": str(state["iteration"])})
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    final = root / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with atomic_write(root / "latest") as pointer:
+        pointer.write_text(name)
+    for old in root.glob("it-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(
+    folder: Path, config: dict[str, Any], device: torch.device
+) -> tuple[AdversarialPatch, dict[str, Any]]:
+    """``(patch, state)`` of the checkpoint ``folder``, after checking that it was written by a
+    run of ``config`` (up to :data:`RESUMABLE_CHANGES`)."""
+    saved = json.loads((folder / "config.json").read_text())
+    _check_same_config(saved, config, folder)
+    patch = AdversarialPatch.load(folder / "patch.safetensors", device=device)
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    return patch, state
+
+
+def checkpoint_folder(out_dir: Path | None, path: str | os.PathLike | None) -> Path:
+    """The checkpoint to resume: ``path`` (a checkpoint folder or a run folder), else the run
+    folder ``out_dir``'s latest."""
+    if path is None:
+        if out_dir is None:
+            raise AttnPatchError("no checkpoint path and no out_dir to look in")
+        pointer = out_dir / "checkpoints" / "latest"
+        if not pointer.is_file():
+            raise AttnPatchError(
+                f"no checkpoint in {out_dir}/checkpoints; start without --resume, or pass the "
+                "run folder of an earlier run"
+            )
+        return out_dir / "checkpoints" / pointer.read_text().strip()
+    folder = Path(path)
+    if (folder / "checkpoints" / "latest").is_file():
+        return checkpoint_folder(folder, None)
+    if not (folder / "state.pt").is_file():
+        raise AttnPatchError(f"{folder} is not a checkpoint folder (no state.pt)")
+    return folder
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_same_config(saved: dict[str, Any], current: dict[str, Any], folder: Path) -> None:
+    a, b = _flatten(saved), _flatten(current)
+    diff = sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+    )
+    if diff:
+        details = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:5])
+        raise AttnPatchError(
+            f"checkpoint {folder} comes from a different config ({details}); resume with the "
+            "config it was written with, or start a new run in another out_dir"
+        )
+
+
+def truncate_metrics(path: Path, iteration: int) -> None:
+    """Drop metric lines of iterations at or after ``iteration`` (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["iteration"] < iteration
+    ]
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))

@@ -1,0 +1,36 @@
+"""Fixtures of the model-layer tests: a private cache and registries restored after each test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attnpatch.models import registry
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """A private cache folder and registries restored after each test."""
+    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(registry, "_CLASSIFIERS", dict(registry._CLASSIFIERS))
+    monkeypatch.setattr(registry, "_DIFFUSION", dict(registry._DIFFUSION))
+
+
+def _bn_net(num_classes: int = 4) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, num_classes),
+    )
+
+
+@pytest.fixture
+def bn_net():
+    """``bn_net(num_classes=4)``: a small conv-BN-dropout classifier, seeded (seed 1)."""
+    return _bn_net
