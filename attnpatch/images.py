@@ -148,7 +148,7 @@ def to_diffusion_input(
     Args:
         images: ``(B, 3, H, W)`` RGB in [0, 1].
         size: output ``(height, width)`` or one int for both; ``None`` keeps ``(H, W)``.
-        multiple: the VAE's downsampling factor (``attnpatch.vae.vae_scale_factor(vae)``,
+        multiple: the VAE's downsampling factor (``DiffusionParts.vae_scale_factor``,
             ``2 ** (len(vae.config.block_out_channels) - 1)``, 8 for SD). The output size is
             rounded *up* to a multiple of it.
 
@@ -165,7 +165,7 @@ def to_diffusion_input(
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise AttnPatchError(
             f"multiple must be a positive int (the VAE factor), got {multiple!r}; pass "
-            "multiple=attnpatch.vae.vae_scale_factor(vae)"
+            "multiple=parts.vae_scale_factor (attnpatch.diffusion.vae_scale_factor(vae))"
         )
     h, w = tuple(images.shape[-2:]) if size is None else as_pair(size, "size")
     h = -(-h // multiple) * multiple

@@ -1,4 +1,4 @@
-"""The seed's training loop written out by hand from attnpatch's public pieces.
+"""The training loop written out by hand from attnpatch's public pieces.
 
 Runs offline on the tiny embedded models in about a minute on a laptop CPU:
 
@@ -12,6 +12,8 @@ import torch
 
 import attnpatch as ap
 from attnpatch.data import ShapesConfig, batches, shapes_dataset
+from attnpatch.diffusion import class_prompt
+from attnpatch.hooks import pick_cross_resolution, pick_self_resolutions
 from attnpatch.losses import (
     LossTerms,
     classifier_loss,
@@ -21,12 +23,20 @@ from attnpatch.losses import (
 )
 
 torch.manual_seed(0)
-K, ITERATIONS, N, k = 4, 80, 10, 2  # accumulation, iterations, DDIM schedule, DDIM steps
+ACCUMULATE = 4  # optimizer.step() every ACCUMULATE iterations (the accumulation counter)
+ITERATIONS = 80
+DDIM_SCHEDULE, DDIM_STEPS = 10, 2  # N timesteps in the schedule; the last DDIM_STEPS run
 data = shapes_dataset(ShapesConfig(size=32, train_per_class=20, seed=1))
 classifier = ap.load_classifier("tiny")  # trained on other synthetic shapes, cached; frozen
 sd = ap.load_diffusion("tiny")  # unet, vae, text_encoder, tokenizer, scheduler; frozen
-prompts = [f"a photo of a {c}" for c in data.classes]
+prompts = [class_prompt(c) for c in data.classes]  # "a photo of a circle", ...
 tokens = [ap.token_indices(sd.tokenizer, p, c) for p, c in zip(prompts, data.classes)]
+embeds = ap.encode_prompt(sd.tokenizer, sd.text_encoder, prompts)  # once: (classes, 77, D)
+
+# Ask the library, never hard-code: the VAE's factor and the map sizes the UNet produces.
+factor = sd.vae_scale_factor  # 2 for the tiny VAE, 8 for SD
+sites = ap.trace_attention(sd.unet, (32 // factor, 32 // factor))
+cross_res, self_res = pick_cross_resolution(sites), pick_self_resolutions(sites)
 
 patch = ap.AdversarialPatch(12, init="random", scale=(0.35, 0.45), eot=ap.EOT())
 optimizer = torch.optim.Adam(patch.parameters(), lr=0.05)
@@ -35,24 +45,26 @@ weights = {"classifier": 1.0, "cross_attention": 1000.0, "self_attention": 100.0
 
 def attention_maps(images, labels):
     """image -> VAE -> DDIM inversion -> denoise under hijack -> (cross maps, self maps)."""
-    x = ap.check_image(ap.to_diffusion_input(images, multiple=2), (-1, 1))  # tiny VAE factor 2
+    x = ap.to_diffusion_input(images, multiple=factor)  # (B, 3, H, W) in [-1, 1]
     z0 = ap.vae_encode(sd.vae, x)
-    cond = ap.encode_prompt(sd.tokenizer, sd.text_encoder, [prompts[y] for y in labels]).cond
-    zT = ap.ddim_invert(sd.unet, sd.scheduler, z0, cond, num_inference_steps=N, num_steps=k)
+    cond = embeds.take(labels).cond
+    steps = dict(num_inference_steps=DDIM_SCHEDULE, num_steps=DDIM_STEPS)
+    zT = ap.ddim_invert(sd.unet, sd.scheduler, z0, cond, **steps)
     store = ap.AttentionStore()
     with ap.hijack(sd.unet, store):  # processors installed ...
-        ap.ddim_denoise(sd.unet, sd.scheduler, zT, cond, num_inference_steps=N, num_steps=k)
-    # ... and restored here, before any loss is computed (the seed: "REMOVE hijack")
-    return store.aggregate("cross", 8), store.maps("self", 8)
+        ap.ddim_denoise(sd.unet, sd.scheduler, zT, cond, **steps)
+    # ... and restored here, before any loss is computed ("REMOVE hijack" in the checklist)
+    selfs = {k: v for r in self_res for k, v in store.maps("self", r).items()}
+    return store.aggregate("cross", cross_res), selfs
 
 
-counter = 0  # the seed's iteration counter for gradient accumulation
+counter = 0  # the iteration counter for gradient accumulation
 for it, images, labels in batches(data, 1, seed=0, stop=ITERATIONS):
     patched, mask = patch(images)  # EOT on; patch(images, eot=False) switches it off
-    logits = classifier(ap.check_image(patched))  # [0, 1] RGB (B, 3, H, W)
-    cross, selfs = attention_maps(patched, labels.tolist())
+    logits = classifier(patched)  # [0, 1] RGB (B, 3, H, W), checked by the classifier
+    cross, selfs = attention_maps(patched, labels)
     with torch.no_grad():  # reference structure: the clean image
-        _, clean_selfs = attention_maps(images, labels.tolist())
+        _, clean_selfs = attention_maps(images, labels)
 
     terms = LossTerms(weights)
     terms.add("classifier", lambda: classifier_loss(logits, labels))  # untargeted: -CE
@@ -64,7 +76,7 @@ for it, images, labels in batches(data, 1, seed=0, stop=ITERATIONS):
     terms.total().backward()  # every iteration
 
     counter += 1
-    if counter == K:  # step only when the counter reaches K ...
+    if counter == ACCUMULATE:  # step only when the counter reaches ACCUMULATE ...
         optimizer.step()
         optimizer.zero_grad()  # ... and zero the gradient only right after a step
         patch.clamp_()  # keep the patch in [0, 1]

@@ -29,7 +29,7 @@ class DiffusionParts:
         variant: ``"sd15"``, ``"sd2"`` or ``"sdxl"``.
         text_encoder_2, tokenizer_2: real SDXL's second, projecting encoder and its tokenizer;
             ``None`` otherwise. Pass :attr:`tokenizers` / :attr:`text_encoders` to
-            :func:`attnpatch.prompts.encode_prompt` to handle both cases.
+            :func:`attnpatch.encode_prompt` to handle both cases.
 
     """
 
