@@ -125,7 +125,7 @@ def train_tiny_classifier(
     generator. Training runs on one CPU thread (the caller's thread count is restored): the
     result is then the same whatever ``torch.get_num_threads()`` is, and these tiny convolutions
     gain little from more threads and lose much when other processes share the cores (timings
-    in docs/models.md).
+    in docs/performance.md).
 
     Returns:
         ``(model, info)``; ``info`` holds ``heldout_accuracy`` and ``train_accuracy`` (fractions),

@@ -35,6 +35,7 @@ from ..diffusion import (
     AttentionPipeline,
     AttentionResult,
     DiffusionParts,
+    PromptEmbeds,
     class_prompt,
     token_indices,
 )
@@ -147,9 +148,10 @@ class PatchTrainer:
             token_indices(parts.tokenizer, p, c) for p, c in zip(self.prompts, self.classes)
         ]
         self.attention: AttentionPipeline | None = None
+        self.class_embeds: PromptEmbeds | None = None  # the class prompts' embeddings, C rows
         if self.weights["cross_attention"] or self.weights["self_attention"]:
             self.attention = attention_pipeline(config, parts)
-            self.class_embeds = self.attention.encode_prompts(self.prompts)  # (C, 77, D) rows
+            self.class_embeds = self.attention.encode_prompts(self.prompts)
         #: data-set label -> classifier output index (identity unless the classifier names
         #: more classes than the data has, e.g. an ImageNet model on a subset)
         self.logit_index = self._classifier_indices()
