@@ -228,7 +228,7 @@ def _run_two_steps(unet, controller, checkpointing, backward_inside):
             if backward_inside:
                 loss.backward()
         if not backward_inside:
-            loss.backward()  # the seed's order: hijack removed, then the loss processed
+            loss.backward()  # the attack's order: hijack removed, then the loss processed
     finally:
         unet.disable_gradient_checkpointing()
     maps = {k: v.detach() for k, v in store.step_maps("cross", 16).items()}

@@ -1,5 +1,5 @@
 """ddim_denoise under hijack, with checkpoint=True: maps stored once, with the right gradients,
-even when backward() runs after the hijack block has exited (the seed's order)."""
+even when backward() runs after the hijack block has exited (the attack's natural order)."""
 
 from __future__ import annotations
 

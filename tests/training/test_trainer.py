@@ -46,7 +46,7 @@ def make_trainer(cfg, parts, data, out_dir=None, classifier=None):
     )
 
 
-def test_gradient_accumulation_follows_the_seed(parts, data):
+def test_gradient_accumulation_steps_only_when_the_counter_reaches_k(parts, data):
     K = 2
     trainer = make_trainer(
         make_config(train={"iterations": 2 * K + 1, "accumulate": K}), parts, data
