@@ -20,6 +20,10 @@ def _trace_unet(spec: str):
 
     tiny = {"tiny": ("sd15", False), "tiny-deep": ("sd15", True), "tiny-sd2": ("sd2", False)}
     tiny["tiny-sdxl"] = ("sdxl", False)
+    if spec == "shapes":
+        from .models import load_diffusion
+
+        return load_diffusion("shapes").unet
     if spec in tiny:
         variant, deep = tiny[spec]
         return testing.tiny_unet(variant, deep=deep)
@@ -31,7 +35,7 @@ def _trace_unet(spec: str):
         sub = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
         return UNet2DConditionModel.from_pretrained(sub, local_files_only=True)
     raise AttnPatchError(
-        f"unknown model {spec!r} for trace: use tiny, tiny-deep, tiny-sd2, tiny-sdxl, "
+        f"unknown model {spec!r} for trace: use shapes, tiny, tiny-deep, tiny-sd2, tiny-sdxl, "
         f"{', '.join(testing.REFERENCE_UNET_CONFIGS)} (architectures on the meta device), or a "
         "local diffusers folder"
     )
@@ -61,7 +65,8 @@ def _add_trace(sub) -> None:
     trace.add_argument(
         "--model",
         default="tiny",
-        help="tiny | tiny-deep | tiny-sd2 | tiny-sdxl | sd15 | sd21 | sdxl | PATH (default: tiny)",
+        help="shapes | tiny | tiny-deep | tiny-sd2 | tiny-sdxl | sd15 | sd21 | sdxl | PATH "
+        "(default: tiny)",
     )
     trace.add_argument(
         "--latent", default=None, help="latent size: 64 or 64x48 (default: the UNet's sample_size)"

@@ -10,7 +10,8 @@ with an ``int`` label indexing ``dataset.classes``.
   ``(seed, iteration)``, never on torch's global RNG, so a resumed run sees exactly the batches
   an uninterrupted one would (:mod:`attnpatch.data.batching`).
 * :class:`ShapesConfig` / :func:`shapes_dataset` generate the embedded demo's labelled images
-  (coloured shapes on textured backgrounds; no downloads) (:mod:`attnpatch.data.shapes`).
+  (coloured shapes on textured backgrounds; no downloads) (:mod:`attnpatch.data.shapes`);
+  :func:`shape_captions` describes them for text-to-image training (:mod:`.captions`).
 
 >>> train = shapes_dataset(ShapesConfig(train_per_class=2, heldout_per_class=1))
 >>> train.classes
@@ -21,6 +22,7 @@ with an ``int`` label indexing ``dataset.classes``.
 """
 
 from .batching import batch_indices, batches, batches_per_epoch
+from .captions import COLOUR_WORDS, colour_names, shape_captions
 from .folder import (
     IMAGE_EXTENSIONS,
     ImageFolder,
@@ -42,6 +44,9 @@ __all__ = [
     "ShapesConfig",
     "shapes_dataset",
     "render_shapes",
+    "COLOUR_WORDS",
+    "colour_names",
+    "shape_captions",
     "write_image_folder",
     "read_image",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._util import derive_seed, one_thread
+from .._util import as_pair, derive_seed, one_thread
 from ..errors import AttnPatchError
 from .folder import TensorImageDataset
 
@@ -150,26 +150,32 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
 def render_shapes(
     labels: torch.Tensor,
     classes: Sequence[str],
-    size: int = 32,
+    size: int | tuple[int, int] = 32,
     *,
     generator: torch.Generator,
     rotation: float = 20.0,
+    centres: torch.Tensor | None = None,
     supersample: int = 4,
     return_masks: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_colours: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Draw one shape per label on a textured background.
 
     Args:
         labels: ``(N,)`` indices into ``classes`` (names from :data:`SHAPES`).
-        size: output side ``S``.
+        size: output side ``S``, or ``(H, W)``; sizes below are relative to ``S = min(H, W)``.
         generator: the only source of randomness (torch's global RNG is not used).
         rotation: maximum rotation of a shape in degrees.
+        centres: ``(N, 2)`` shape centres ``(x, y)`` as fractions of ``(W, H)`` (e.g. 0.25,
+            0.25 for the top-left quadrant), moved inwards where the shape would leave the
+            image; ``None``: random. The random positions are drawn either way, so the other
+            factors (size, colours, background) of image ``i`` do not change.
         supersample: the shape's edge is antialiased by rendering its mask at this factor.
 
     Returns:
-        ``(N, 3, S, S)`` float RGB in [0, 1], quantised to multiples of 1/255 (so a PNG copy
+        ``(N, 3, H, W)`` float RGB in [0, 1], quantised to multiples of 1/255 (so a PNG copy
         reads back bit-identical). With ``return_masks=True`` also the shapes' coverage
-        ``(N, 1, S, S)`` in [0, 1] (1 inside the shape, fractional on its antialiased edge).
+        ``(N, 1, H, W)`` in [0, 1] (1 inside the shape, fractional on its antialiased edge).
 
     Nuisance factors, all random per image: shape position (fully inside the image), radius
     (0.22-0.36 of ``S``), rotation, fill colour (any hue), background (two colours blended by a
@@ -180,7 +186,8 @@ def render_shapes(
     noise): it is always visible, and only its outline tells the classes apart.
     """
     labels = torch.as_tensor(labels, dtype=torch.long)
-    n, s, g = labels.shape[0], int(size), generator
+    (h, w), g = as_pair(size, "size"), generator
+    n, s = labels.shape[0], min(h, w)
     tests = [SHAPES[c] for c in classes]
 
     def rand(*shape: int) -> torch.Tensor:
@@ -189,8 +196,12 @@ def render_shapes(
     # Shape geometry, in pixels.
     radius = s * (0.22 + 0.14 * rand(n))
     margin = radius + 1.0
-    cx = margin + (s - 2 * margin) * rand(n)
-    cy = margin + (s - 2 * margin) * rand(n)
+    cx = margin + (w - 2 * margin) * rand(n)
+    cy = margin + (h - 2 * margin) * rand(n)
+    if centres is not None:
+        centres = torch.as_tensor(centres, dtype=torch.float32).reshape(n, 2)
+        cx = torch.minimum(torch.maximum(centres[:, 0] * w, margin), w - margin)
+        cy = torch.minimum(torch.maximum(centres[:, 1] * h, margin), h - margin)
     theta = (2 * rand(n) - 1) * math.radians(rotation)
     # Colours: fill and background in opposite brightness bands.
     fill_dark = rand(n) < 0.5
@@ -199,21 +210,22 @@ def render_shapes(
     bg1 = _hsv_to_rgb(rand(n), 0.2 + 0.7 * rand(n), band(~fill_dark))
     bg2 = _hsv_to_rgb(rand(n), 0.2 + 0.7 * rand(n), band(~fill_dark))
     # Background texture t in [0, 1]: stripes mixed with smooth noise.
-    ys, xs = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
     freq = (1.0 + 4.0 * rand(n)) * 2 * math.pi / s
     angle = math.pi * rand(n)
     phase = 2 * math.pi * rand(n)
     proj = xs[None] * torch.cos(angle)[:, None, None] + ys[None] * torch.sin(angle)[:, None, None]
     stripes = 0.5 + 0.5 * torch.sin(freq[:, None, None] * proj + phase[:, None, None])
-    smooth = F.interpolate(rand(n, 1, 5, 5), size=(s, s), mode="bicubic", align_corners=False)
+    smooth = F.interpolate(rand(n, 1, 5, 5), size=(h, w), mode="bicubic", align_corners=False)
     mix = rand(n)[:, None, None]
     texture = (mix * stripes + (1 - mix) * smooth[:, 0]).clamp(0, 1)
     background = bg1[:, :, None, None] + (bg2 - bg1)[:, :, None, None] * texture[:, None]
     # Antialiased coverage of the shape.
     k = int(supersample)
-    sub = (torch.arange(s * k) + 0.5) / k
-    sy, sx = torch.meshgrid(sub, sub, indexing="ij")
-    alpha = torch.zeros(n, 1, s, s)
+    sy, sx = torch.meshgrid(
+        (torch.arange(h * k) + 0.5) / k, (torch.arange(w * k) + 0.5) / k, indexing="ij"
+    )
+    alpha = torch.zeros(n, 1, h, w)
     for c, inside in enumerate(tests):
         sel = (labels == c).nonzero().flatten()
         if sel.numel() == 0:
@@ -225,9 +237,11 @@ def render_shapes(
         mask = inside(u, v).float()[:, None]
         alpha[sel] = F.avg_pool2d(mask, k) if k > 1 else mask
     image = alpha * fill[:, :, None, None] + (1 - alpha) * background
-    image = image + 0.03 * torch.randn(n, 3, s, s, generator=g)
+    image = image + 0.03 * torch.randn(n, 3, h, w, generator=g)
     image = (image.clamp(0, 1) * 255).round() / 255
-    return (image, alpha) if return_masks else image
+    out = (image,) + ((alpha,) if return_masks else ())
+    out += (torch.stack([fill, bg1, bg2], dim=1),) if return_colours else ()
+    return out if len(out) > 1 else image
 
 
 def shapes_dataset(config: ShapesConfig | None = None, split: str = "train") -> TensorImageDataset:

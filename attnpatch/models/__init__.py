@@ -6,6 +6,10 @@
   timm builders, local weights files.
 * :mod:`.diffusion` — :func:`load_diffusers_folder`, DDIM conversion, variant detection.
 * :mod:`.tiny` — the tiny offline SD stacks (re-exported by :mod:`attnpatch.testing`).
+* :mod:`.shapes_sd` — the ``"shapes"`` stack: a tiny SD trained on the shapes world, shipped
+  in ``weights/shapes/`` (the embedded default); :mod:`.train_shapes` reproduces it
+  (``python -m attnpatch.models.train_shapes --out DIR``); :mod:`.shapes_eval` measures what
+  its attention means.
 * :mod:`.shapes_classifier` — the ``"tiny"`` classifier: training and its cache.
 """
 
@@ -25,6 +29,7 @@ from .shapes_classifier import (
     tiny_classifier_path,
     train_tiny_classifier,
 )
+from .shapes_sd import SHAPES_WEIGHTS, label_mass_ratio, load_shapes_sd, shapes_sd
 
 __all__ = [
     "NormalizedClassifier",
@@ -42,4 +47,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "TINY_CLASSIFIER_VERSION",
+    "SHAPES_WEIGHTS",
+    "shapes_sd",
+    "load_shapes_sd",
+    "label_mass_ratio",
 ]

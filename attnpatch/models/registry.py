@@ -17,8 +17,10 @@ Specs a classifier can be loaded from:
 
 Diffusion stacks (:func:`load_diffusion`) come back as :class:`~attnpatch.diffusion.DiffusionParts`
 (unet, vae, text_encoder, tokenizer, scheduler as a ``DDIMScheduler``, variant, and SDXL's second
-text encoder): ``"tiny"`` / ``"tiny-sd2"`` / ``"tiny-sdxl"``, a local diffusers model folder, or a
-name added with :func:`register_diffusion`.
+text encoder): ``"shapes"`` (a tiny SD trained on the shapes world, shipped with the package:
+its attention means something; :mod:`.shapes_sd`), ``"tiny"`` / ``"tiny-sd2"`` /
+``"tiny-sdxl"`` (random weights, for fast tests), a local diffusers model folder, or a name
+added with :func:`register_diffusion`.
 
 The building blocks live beside this module: :mod:`.classifier` (the wrapper, the probe,
 torchvision / timm, weights files), :mod:`.diffusion` (folders, conversion, checks),
@@ -54,6 +56,7 @@ from .classifier import (
 )
 from .diffusion import as_parts, load_diffusers_folder
 from .shapes_classifier import tiny_factory
+from .shapes_sd import SHAPES_WEIGHTS, load_shapes_sd
 from .tiny import tiny_sd
 
 __all__ = [
@@ -303,7 +306,7 @@ def load_diffusion(
     """Build or load a Stable Diffusion stack; every network frozen and in eval mode.
 
     Args:
-        spec: a registered name (``"tiny"`` = ``"tiny-sd15"``, ``"tiny-sd2"``,
+        spec: a registered name (``"shapes"``, ``"tiny"`` = ``"tiny-sd15"``, ``"tiny-sd2"``,
             ``"tiny-sdxl"``, or yours), a local diffusers model folder (see
             :func:`load_diffusers_folder`), or a ``DiffusionParts``-like object.
             Hub ids are not downloaded: download once, pass the folder.
@@ -353,7 +356,19 @@ def _tiny_diffusion(variant: str) -> Callable[..., DiffusionParts]:
     return factory
 
 
+def _shapes_diffusion() -> DiffusionParts:
+    """The tiny SD trained on the shapes world, from the weights shipped in the package."""
+    if not (SHAPES_WEIGHTS / "unet" / "config.json").is_file():
+        raise AttnPatchError(
+            f"the shipped 'shapes' weights are missing from {SHAPES_WEIGHTS}; reinstall "
+            "attnpatch, or rebuild them with python -m attnpatch.models.train_shapes --out DIR "
+            "and load DIR"
+        )
+    return load_shapes_sd()
+
+
 register_classifier("tiny", tiny_factory)
+register_diffusion("shapes", _shapes_diffusion)
 register_diffusion("tiny", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd15", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd2", _tiny_diffusion("sd2"))

@@ -47,7 +47,9 @@ class ModelsConfig:
     classifier: str = "tiny"  #: "tiny", "torchvision:resnet50", "timm:...", a registered name
     #: a local weights file (or a torchvision weights name such as "IMAGENET1K_V2"); "" = none
     classifier_weights: str = ""
-    diffusion: str = "tiny"  #: "tiny", "tiny-sd2", "tiny-sdxl", a local diffusers folder
+    #: "shapes" (trained on the shapes world, shipped), "tiny", "tiny-sd2", "tiny-sdxl" (random
+    #: weights), a registered name, or a local diffusers folder
+    diffusion: str = "shapes"
     device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1"
 
 

@@ -124,3 +124,44 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(attnpatch.data.shapes)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_non_square_images_put_the_shape_where_asked():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.25, 0.25], [0.75, 0.75], [0.5, 0.5]])
+    for size in ((32, 48), (48, 32)):
+        images, masks = data.render_shapes(
+            torch.tensor([0, 2, 4]),
+            SHAPE_CLASSES,
+            size,
+            generator=g,
+            centres=centres,
+            return_masks=True,
+        )
+        assert images.shape == (3, 3, *size) and masks.shape == (3, 1, *size)
+        h, w = size
+        ys = (torch.arange(h) + 0.5) / h
+        xs = (torch.arange(w) + 0.5) / w
+        m = masks[:, 0] / masks[:, 0].sum((1, 2), keepdim=True)
+        cx, cy = (m.sum(1) * xs).sum(1), (m.sum(2) * ys).sum(1)
+        # the shape stays inside the image, so a corner centre may move inwards
+        assert torch.allclose(cx, centres[:, 0], atol=0.15), (size, cx)
+        assert torch.allclose(cy, centres[:, 1], atol=0.15), (size, cy)
+        assert (cx[0] < 0.45) and (cy[0] < 0.45) and (cx[1] > 0.55) and (cy[1] > 0.55)
+        assert abs(cx[2] - 0.5) < 0.02 and abs(cy[2] - 0.5) < 0.02
+
+
+def test_options_do_not_change_the_images():
+    labels = torch.arange(10) % 5
+    plain = data.render_shapes(
+        labels, SHAPE_CLASSES, 32, generator=torch.Generator().manual_seed(5)
+    )
+    full = data.render_shapes(
+        labels,
+        SHAPE_CLASSES,
+        32,
+        generator=torch.Generator().manual_seed(5),
+        return_masks=True,
+        return_colours=True,
+    )
+    assert len(full) == 3 and torch.equal(plain, full[0]) and full[2].shape == (10, 3, 3)

@@ -27,7 +27,7 @@ def test_doctests():
 
 def test_built_in_names():
     assert "tiny" in classifier_names()
-    assert diffusion_names() == ["tiny", "tiny-sd15", "tiny-sd2", "tiny-sdxl"]
+    assert diffusion_names() == ["shapes", "tiny", "tiny-sd15", "tiny-sd2", "tiny-sdxl"]
 
 
 # --------------------------------------------------------------------------- registration

@@ -1,0 +1,317 @@
+"""Train the ``"shapes"`` diffusion stack: ``python -m attnpatch.models.train_shapes --out DIR``.
+
+Two stages on one pool of rendered shapes images (32 px, the five demo classes), every random
+draw from one seeded generator, so the same seed and thread count give the same bytes:
+
+1. the VAE (reconstruction MSE + a small KL term), then its ``scaling_factor`` is set to
+   1 / std of the pool's latents, as SD's 0.18215 was chosen;
+2. the UNet and the text encoder together on the frozen VAE's latents: epsilon prediction
+   under SD1.5's noise schedule, captions from :func:`~attnpatch.data.shape_captions` redrawn
+   every step, 10 % empty captions (classifier-free guidance's unconditional prompt).
+
+The run checkpoints every ``--checkpoint-every`` steps to ``DIR/checkpoint.pt`` (atomically)
+and ``--resume`` continues from it exactly. At the end ``DIR`` is a diffusers model folder
+(``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``) plus
+``train_info.json`` (settings, losses, seconds, sha256 of each weights file), which
+``attnpatch.models.load_diffusion(DIR)`` reads. The shipped weights are this script's output
+with its defaults (docs/models.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .._util import atomic_write, derive_seed, one_thread
+from ..data import SHAPE_CLASSES, render_shapes, shape_captions
+from ..diffusion import DiffusionParts
+from ..errors import AttnPatchError
+from .shapes_sd import SHAPES_IMAGE_SIZE, shapes_sd
+from .tiny import save_tiny_sd
+
+__all__ = ["ShapesTrainConfig", "render_pool", "train_shapes", "main"]
+
+
+@dataclass(frozen=True)
+class ShapesTrainConfig:
+    """Everything the weights are a function of (with the thread count)."""
+
+    seed: int = 0
+    pool: int = 12800  #: rendered training images
+    batch_size: int = 32
+    vae_steps: int = 800
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-5
+    unet_steps: int = 6000
+    unet_lr: float = 2e-3
+    warmup: int = 100  #: linear warm-up steps of the UNet stage, then cosine decay
+    p_empty: float = 0.1
+    p_colour: float = 0.5
+    p_background: float = 0.5
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("pool", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise AttnPatchError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vae_steps < 0 or self.unet_steps < 0:
+            raise AttnPatchError("vae_steps and unet_steps must be >= 0")
+
+
+def render_pool(config: ShapesTrainConfig) -> dict[str, torch.Tensor]:
+    """The training pool: ``images (P, 3, 32, 32)`` in [0, 1], ``masks (P, 1, 32, 32)``,
+    ``labels (P,)`` and ``colours (P, 3, 3)``; its own seeded stream (no image of the
+    classifier's shapes sets)."""
+    g = torch.Generator().manual_seed(derive_seed("attnpatch-shapes-sd-pool", config.seed))
+    labels = torch.randint(len(SHAPE_CLASSES), (config.pool,), generator=g)
+    chunks = []
+    with one_thread():
+        for i in range(0, config.pool, 512):
+            chunks.append(
+                render_shapes(
+                    labels[i : i + 512],
+                    SHAPE_CLASSES,
+                    SHAPES_IMAGE_SIZE,
+                    generator=g,
+                    return_masks=True,
+                    return_colours=True,
+                )
+            )
+    images, masks, colours = (torch.cat(c) for c in zip(*chunks))
+    return {"images": images, "masks": masks, "labels": labels, "colours": colours}
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+class _Run:
+    """The mutable state of a training run (what the checkpoint holds)."""
+
+    def __init__(self, config: ShapesTrainConfig):
+        self.config = config
+        self.parts = shapes_sd(config.seed, trainable=True)
+        self.step = 0  # global: VAE steps first, then UNet steps
+        self.generator = torch.Generator().manual_seed(
+            derive_seed("attnpatch-shapes-sd", config.seed)
+        )
+        self.losses: list[float] = []
+        self.seconds = 0.0
+        p = self.parts
+        self.vae_opt = torch.optim.Adam(p.vae.parameters(), lr=config.vae_lr)
+        params = list(p.unet.parameters()) + list(p.text_encoder.parameters())
+        self.unet_opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self.parts
+        return {
+            "config": dataclasses.asdict(self.config),
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "losses": self.losses,
+            "seconds": self.seconds,
+            "scaling_factor": p.vae.config.scaling_factor,
+            "vae": p.vae.state_dict(),
+            "unet": p.unet.state_dict(),
+            "text_encoder": p.text_encoder.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "unet_opt": self.unet_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["config"] != dataclasses.asdict(self.config):
+            raise AttnPatchError(
+                "the checkpoint was written with other settings: "
+                f"{state['config']} vs {dataclasses.asdict(self.config)}; resume with the same "
+                "flags, or start a new --out folder"
+            )
+        p = self.parts
+        self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
+        self.generator.set_state(state["generator"])
+        p.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        for name in ("vae", "unet", "text_encoder"):
+            getattr(p, name).load_state_dict(state[name])
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.unet_opt.load_state_dict(state["unet_opt"])
+
+
+def _vae_step(run: _Run, pool: dict[str, torch.Tensor]) -> float:
+    c, g, vae = run.config, run.generator, run.parts.vae
+    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
+    flip = torch.rand(c.batch_size, generator=g) < 0.5
+    x = pool["images"][idx] * 2 - 1
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    posterior = vae.encode(x).latent_dist
+    z = posterior.sample(generator=g)
+    loss = F.mse_loss(vae.decode(z).sample, x) + c.kl_weight * posterior.kl().mean()
+    run.vae_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.vae_opt.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def _encode_pool(parts: DiffusionParts, images: torch.Tensor) -> torch.Tensor:
+    """Posterior means of the pool, ``(P, 4, 16, 16)``, unscaled."""
+    parts.vae.eval()
+    return torch.cat(
+        [
+            parts.vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean
+            for i in range(0, len(images), 256)
+        ]
+    )
+
+
+def _unet_step(
+    run: _Run, pool: dict[str, torch.Tensor], latents: torch.Tensor, noise_sched
+) -> float:
+    c, g, p = run.config, run.generator, run.parts
+    k = run.step - c.vae_steps
+    for group in run.unet_opt.param_groups:
+        group["lr"] = c.unet_lr * _lr_factor(k, c.unet_steps, c.warmup)
+    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
+    captions = shape_captions(
+        pool["labels"][idx],
+        SHAPE_CLASSES,
+        pool["colours"][idx],
+        generator=g,
+        p_colour=c.p_colour,
+        p_background=c.p_background,
+        p_empty=c.p_empty,
+    )
+    ids = p.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=p.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    z0 = latents[idx]
+    t = torch.randint(noise_sched.config.num_train_timesteps, (c.batch_size,), generator=g)
+    noise = torch.randn(z0.shape, generator=g)
+    zt = noise_sched.add_noise(z0, noise, t)
+    cond = p.text_encoder(ids)[0]
+    loss = F.mse_loss(p.unet(zt, t, cond).sample, noise)
+    run.unet_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.unet_opt.param_groups[0]["params"], 1.0)
+    run.unet_opt.step()
+    return loss.item()
+
+
+def train_shapes(
+    out: str | Path,
+    config: ShapesTrainConfig | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) into ``out``; returns the ``train_info.json`` contents."""
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    config = config or ShapesTrainConfig()
+    out = Path(out)
+    ckpt = out / "checkpoint.pt"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise AttnPatchError(
+            f"{out} is not empty; pass --resume to continue its run, or choose a new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(config)
+    if resume and ckpt.is_file():
+        run.load_state_dict(torch.load(ckpt, weights_only=False))
+    pool = render_pool(config)
+    noise_sched = DDPMScheduler.from_config(run.parts.scheduler.config)
+    total = config.vae_steps + config.unet_steps
+    latents = None
+    bar = tqdm(total=total, initial=run.step, disable=not progress, desc="train_shapes")
+    p = run.parts
+    while run.step < total:
+        t0 = time.perf_counter()
+        if run.step < config.vae_steps:
+            p.vae.train()
+            loss = _vae_step(run, pool)
+        else:
+            if latents is None:
+                if run.step == config.vae_steps:  # the VAE stage just ended: fix its scale
+                    std = _encode_pool(p, pool["images"]).std()
+                    p.vae.register_to_config(scaling_factor=float(1.0 / std))
+                latents = _encode_pool(p, pool["images"]) * p.vae.config.scaling_factor
+                p.vae.requires_grad_(False)
+            p.unet.train()
+            p.text_encoder.train()
+            loss = _unet_step(run, pool, latents, noise_sched)
+        run.losses.append(loss)
+        run.step += 1
+        run.seconds += time.perf_counter() - t0
+        bar.update(1)
+        bar.set_postfix(stage="vae" if run.step <= config.vae_steps else "unet", loss=f"{loss:.4f}")
+        if run.step % config.checkpoint_every == 0 or run.step == total:
+            with atomic_write(ckpt) as tmp:
+                torch.save(run.state_dict(), tmp)
+    bar.close()
+    return _write_model(run, out)
+
+
+def _write_model(run: _Run, out: Path) -> dict[str, Any]:
+    p, c = run.parts, run.config
+    for net in (p.unet, p.vae, p.text_encoder):
+        net.eval().requires_grad_(False)
+    save_tiny_sd(p, out)
+    files = sorted(out.glob("*/*.safetensors"))
+    info = {
+        "config": dataclasses.asdict(c),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "train_seconds": round(run.seconds, 1),
+        "scaling_factor": p.vae.config.scaling_factor,
+        "final_losses": {
+            "vae": _mean_tail(run.losses[: c.vae_steps]),
+            "unet": _mean_tail(run.losses[c.vae_steps :]),
+        },
+        "sha256": {
+            str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+        },
+    }
+    with atomic_write(out / "train_info.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _mean_tail(values: list[float], n: int = 50) -> float | None:
+    return round(sum(values[-n:]) / len(values[-n:]), 5) if values else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnpatch.models.train_shapes")
+    parser.add_argument("--out", required=True, help="the output folder (a diffusers model)")
+    parser.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
+    parser.add_argument("--no-progress", action="store_true")
+    for f in dataclasses.fields(ShapesTrainConfig):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default
+        )
+    args = parser.parse_args(argv)
+    config = ShapesTrainConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesTrainConfig)}
+    )
+    info = train_shapes(args.out, config, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

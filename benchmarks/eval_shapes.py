@@ -1,0 +1,105 @@
+"""What the "shapes" stack's attention means, measured (the numbers of docs/models.md).
+
+Through the library's own path (VAE -> DDIM inversion -> denoising under hijack ->
+``store.aggregate("cross", r)``) on held-out shapes images with their masks:
+
+1. localisation: the label word's mass ratio on its object (1.0 = no preference) at several
+   noise levels (the last k of N DDIM steps) and both cross-attention resolutions, for the
+   trained stack and the random tiny one;
+2. the checks the semantic tests assert: the word's own token vs its neighbours (an off-by-one),
+   down vs up blocks, the CFG halves, non-square inputs with the object in a known quadrant;
+3. generation: ``parts.pipeline()`` (plain diffusers) samples per prompt, the tiny classifier's
+   recognition rate, and a figure of the samples (docs/figures/shapes_samples.png).
+
+    python benchmarks/eval_shapes.py [--model shapes] [--n 200] [--figure PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from attnpatch.data import SHAPE_CLASSES
+from attnpatch.models import load_classifier, load_diffusion
+from attnpatch.models.shapes_eval import (
+    centre_of_mass,
+    generate,
+    heldout_scenes,
+    localisation,
+    word_maps,
+)
+from attnpatch.models.shapes_sd import label_mass_ratio
+from attnpatch.testing import tiny_sd
+from attnpatch.training import viz
+
+
+def summary(r: torch.Tensor) -> str:
+    return f"median {r.median():.2f}  >1.5: {(r > 1.5).float().mean():4.0%}  mean {r.mean():.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="shapes")
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--figure", default="docs/figures/shapes_samples.png")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    parts = load_diffusion(args.model)
+    scenes = heldout_scenes(args.n, seed=0)
+    print(f"threads {torch.get_num_threads()}, {args.n} held-out images, model {args.model}")
+
+    print("\n1. localisation (label word mass ratio on the object)")
+    for name, p in (("trained", parts), ("random tiny", tiny_sd("sd15"))):
+        for n_steps, k in ((10, 1), (10, 2), (10, 3), (10, 5)):
+            r = localisation(p, scenes, num_inference_steps=n_steps, num_steps=k)
+            print(f"  {name:11s} N={n_steps} k={k} 8x8   {summary(r)}")
+        if name == "trained":
+            r = localisation(p, scenes, resolution=16)
+            print(f"  {name:11s} N=10 k=2 16x16 {summary(r)}")
+
+    print("\n2. the semantic checks (N=10, k=2, 8x8)")
+    images, labels, masks = scenes["images"], scenes["labels"], scenes["masks"]
+    for offset in (-1, 0, 1):
+        r = label_mass_ratio(word_maps(parts, images, labels, offset=offset), masks)
+        print(f"  token offset {offset:+d}: {summary(r)}")
+    down = word_maps(parts, images, labels, places=("down",))
+    up = word_maps(parts, images, labels, places=("up",))
+    gap = (centre_of_mass(down) - centre_of_mass(up)).norm(dim=1)
+    print(f"  down: {summary(label_mass_ratio(down, masks))}")
+    print(f"  up:   {summary(label_mass_ratio(up, masks))}")
+    print(f"  down vs up centre of mass distance (fraction of side): median {gap.median():.3f}")
+    for half in ("cond", "uncond"):
+        m = word_maps(parts, images, labels, guidance_scale=3.0, half=half)
+        print(f"  CFG 3.0, {half:6s} half: {summary(label_mass_ratio(m, masks))}")
+    corners = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+    for size in ((32, 48), (48, 32)):
+        centres = corners.repeat(args.n // 4, 1)
+        s = heldout_scenes(len(centres), seed=2, size=size, centres=centres)
+        com = centre_of_mass(word_maps(parts, s["images"], s["labels"]))
+        right = ((com > 0.5) == (centres > 0.5)).all(dim=1).float().mean()
+        print(f"  {size[0]}x{size[1]} input: centre of mass in the object's quadrant {right:.0%}")
+
+    print("\n3. generation (parts.pipeline(), 25 DDIM steps)")
+    clf = load_classifier("tiny")
+    per = 20
+    for scale in (1.0, 3.0, 5.0):
+        prompts = [f"a photo of a {c}" for c in SHAPE_CLASSES for _ in range(per)]
+        imgs = generate(parts, prompts, seed=0, guidance_scale=scale)
+        with torch.no_grad():
+            pred = clf(imgs).argmax(1)
+        wanted = torch.arange(len(SHAPE_CLASSES)).repeat_interleave(per)
+        rates = [(pred[wanted == c] == c).float().mean().item() for c in range(5)]
+        total = (pred == wanted).float().mean()
+        each = " ".join(f"{c} {r:.0%}" for c, r in zip(SHAPE_CLASSES, rates))
+        print(f"  guidance {scale}: recognised {total:.0%} (chance 20%)  [{each}]")
+        if scale == 3.0 and args.figure:
+            grid = imgs.view(5, per, 3, 32, 32)[:, :8].reshape(40, 3, 32, 32)
+            viz.save(viz.image_grid(grid, nrow=8, scale=3), args.figure)
+            print(f"  figure: {args.figure} (rows: {', '.join(SHAPE_CLASSES)})")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
