@@ -1,8 +1,8 @@
 """Do the attention losses do what docs/losses.md says? Measured on the embedded default.
 
-Four runs of ``attnpatch train``'s default config (same seed, data, patch init and budget)
-that differ only in the attention weights: classifier only, + cross-attention variance,
-+ self-attention structure, both. Each trained patch is then measured on held-out shapes
+Runs of ``attnpatch train``'s default config (same seed, data, patch init and budget) that
+differ only in the attention weights: classifier only, + cross-attention variance at several
+weights, + self-attention structure at several weights, both at the default weights. Each trained patch is then measured on held-out shapes
 images with their object masks (placement and EOT drawn once, the same for every run and
 for a random-noise control patch):
 
@@ -67,15 +67,16 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--out", default="runs/losses")
+    ap.add_argument("--cross-weights", type=float, nargs="*", default=[1e3, 1e4, 1e5])
+    ap.add_argument("--self-weights", type=float, nargs="*", default=[1e4, 1e5, 1e6])
     args = ap.parse_args()
-    base = TrainConfig()
-    w = base.weights
-    runs = {
-        "classifier only": dict(cross_attention=0.0, self_attention=0.0),
-        "+ cross variance": dict(self_attention=0.0),
-        "+ self structure": dict(cross_attention=0.0),
-        "all (default)": {},
-    }
+    w = TrainConfig().weights
+    runs = {"classifier only": dict(cross_attention=0.0, self_attention=0.0)}
+    for c in args.cross_weights:
+        runs[f"+ cross variance x{c:g}"] = dict(cross_attention=c, self_attention=0.0)
+    for c in args.self_weights:
+        runs[f"+ self structure x{c:g}"] = dict(cross_attention=0.0, self_attention=c)
+    runs["both (default weights)"] = {}
     scenes = heldout_scenes(args.n, seed=3)
     rows = {}
     trainer = None
@@ -84,11 +85,12 @@ def main() -> None:
         cfg.weights = dataclasses.replace(w, **change)
         cfg.train.iterations = args.iterations
         cfg.train.progress = False
-        cfg.train.out_dir = str(Path(args.out) / name.replace(" ", "_").replace("+", "plus"))
+        cfg.train.out_dir = str(Path(args.out) / f"run{len(rows)}")
         t0 = time.perf_counter()
         res = run_training(cfg, overwrite=True, log=lambda *a: None)
         trainer = res.trainer
-        row = {"success": res.result.success_rate, "control": res.result.control_success_rate}
+        ev = res.evaluation
+        row = {"success": ev.success_rate, "control": ev.control_success_rate}
         row |= measure(trainer, scenes, trainer.patch)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows[name] = row

@@ -1,6 +1,6 @@
 """The training loop written out by hand from attnpatch's public pieces.
 
-Runs offline on the tiny embedded models in about a minute on a laptop CPU:
+Runs offline on the embedded models in about a minute on a laptop CPU:
 
     python examples/train_patch.py
 
@@ -28,7 +28,7 @@ ITERATIONS = 80
 DDIM_SCHEDULE, DDIM_STEPS = 10, 2  # N timesteps in the schedule; the last DDIM_STEPS run
 data = shapes_dataset(ShapesConfig(size=32, train_per_class=20, seed=1))
 classifier = ap.load_classifier("tiny")  # trained on other synthetic shapes, cached; frozen
-sd = ap.load_diffusion("tiny")  # unet, vae, text_encoder, tokenizer, scheduler; frozen
+sd = ap.load_diffusion("shapes")  # a tiny SD trained on the shapes world (shipped); frozen
 prompts = [class_prompt(c) for c in data.classes]  # "a photo of a circle", ...
 tokens = [ap.token_indices(sd.tokenizer, p, c) for p, c in zip(prompts, data.classes)]
 embeds = ap.encode_prompt(sd.tokenizer, sd.text_encoder, prompts)  # once: (classes, 77, D)
