@@ -72,6 +72,12 @@ def word_maps(
             (``num_inference_steps``, ``num_steps``, ``guidance_scale``; ``image_size``
             defaults to the images' size).
     """
+    if half not in ("cond", "uncond"):
+        raise AttnPatchError(f"half must be 'cond' or 'uncond', got {half!r}")
+    if half == "uncond" and pipeline.get("guidance_scale", 1.0) == 1.0:
+        raise AttnPatchError(
+            'half="uncond" needs guidance_scale != 1 (a classifier-free batch); pass one'
+        )
     pipeline.setdefault("image_size", tuple(images.shape[-2:]))
     pipe = AttentionPipeline(parts, **pipeline)
     prompts = [template.format(label=classes[int(i)]) for i in labels]
@@ -80,11 +86,7 @@ def word_maps(
     res = pipe.cross_resolution if resolution is None else resolution
     maps = result.cross.aggregate("cross", res, places)  # (rows, h, w, 77)
     b = images.shape[0]
-    rows = maps[-b:] if half == "cond" else maps[:b]
-    if half == "uncond" and maps.shape[0] != 2 * b:
-        raise AttnPatchError(
-            'half="uncond" needs guidance_scale != 1 (a classifier-free batch); pass one'
-        )
+    rows = maps[-b:] if half == "cond" else maps[:b]  # the batch is [uncond; cond] under CFG
     index = torch.tensor(
         [
             token_indices(parts.tokenizer, p, classes[int(i)])[0] + offset

@@ -39,7 +39,8 @@ import torch
 
 from .._util import freeze, seeded
 from ..diffusion import DiffusionParts
-from .tiny import tiny_scheduler, tiny_tokenizer
+from ..losses import downsample_mask
+from .tiny import _text_config, tiny_scheduler, tiny_tokenizer
 
 __all__ = [
     "SHAPES_WEIGHTS",
@@ -90,21 +91,9 @@ def shapes_vae_config() -> dict[str, Any]:
 
 
 def _text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    tok = tiny_tokenizer()
-    config = CLIPTextConfig(
-        hidden_size=_WIDTH,
-        intermediate_size=2 * _WIDTH,
-        num_attention_heads=2,
-        num_hidden_layers=0,
-        vocab_size=len(tok),
-        max_position_embeddings=tok.model_max_length,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = CLIPTextModel(config)
+    model = CLIPTextModel(_text_config(_WIDTH, layers=0))
     # No position information: a bag of words (see the module doc).
     (pos,) = (w for n, w in model.named_parameters() if n.endswith("position_embedding.weight"))
     with torch.no_grad():
@@ -152,7 +141,8 @@ def label_mass_ratio(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     Args:
         maps: ``(B, h, w)`` one token's cross-attention (any non-negative map).
         masks: ``(B, 1, H, W)`` object coverage in [0, 1] (``render_shapes(...,
-            return_masks=True)``), ``H, W`` integer multiples of ``h, w``.
+            return_masks=True)``), ``(H, W) = f * (h, w)`` for one integer ``f`` (else
+            :class:`~attnpatch.AttnPatchError`, from :func:`~attnpatch.losses.downsample_mask`).
 
     Returns:
         ``(B,)``: (the map's mass inside the object / its total mass) / (the object's share of
@@ -164,8 +154,7 @@ def label_mass_ratio(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     >>> label_mass_ratio(maps, masks)
     tensor([4.])
     """
-    h, w = maps.shape[-2:]
-    small = torch.nn.functional.adaptive_avg_pool2d(masks.float(), (h, w))[:, 0]
+    small = downsample_mask(masks.float(), tuple(maps.shape[-2:]), name="masks")[:, 0]
     maps = maps.float()
     inside = (maps * small).sum((1, 2)) / maps.sum((1, 2)).clamp_min(1e-12)
     share = small.mean((1, 2)).clamp_min(1e-12)

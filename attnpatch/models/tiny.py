@@ -127,7 +127,8 @@ def tiny_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def _text_config(hidden_size: int, projection_dim: int | None = None):
+def _text_config(hidden_size: int, projection_dim: int | None = None, layers: int = 2):
+    """A CLIP text config for :func:`tiny_tokenizer`'s vocabulary (2 heads, MLP 2x wide)."""
     from transformers import CLIPTextConfig
 
     tok = tiny_tokenizer()
@@ -135,7 +136,7 @@ def _text_config(hidden_size: int, projection_dim: int | None = None):
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_attention_heads=2,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         vocab_size=len(tok),
         max_position_embeddings=tok.model_max_length,
         bos_token_id=tok.bos_token_id,

@@ -211,6 +211,49 @@ def _unet_step(
     return loss.item()
 
 
+def _train_steps(
+    run: _Run,
+    pool: dict[str, torch.Tensor],
+    until: int,
+    *,
+    ckpt: Path | None = None,
+    bar: Any = None,
+) -> None:
+    """Advance ``run`` to global step ``until`` (VAE steps first, then UNet steps), writing
+    ``ckpt`` every ``checkpoint_every`` steps and at the last step."""
+    from diffusers import DDPMScheduler
+
+    c, p = run.config, run.parts
+    total = c.vae_steps + c.unet_steps
+    noise_sched = DDPMScheduler.from_config(p.scheduler.config)
+    latents = None
+    while run.step < until:
+        t0 = time.perf_counter()
+        if run.step < c.vae_steps:
+            p.vae.train()
+            loss = _vae_step(run, pool)
+        else:
+            if latents is None:
+                raw = _encode_pool(p, pool["images"])
+                if run.step == c.vae_steps:  # the VAE stage just ended: fix its scale
+                    p.vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+                latents = raw * p.vae.config.scaling_factor
+                p.vae.requires_grad_(False)
+            p.unet.train()
+            p.text_encoder.train()
+            loss = _unet_step(run, pool, latents, noise_sched)
+        run.losses.append(loss)
+        run.step += 1
+        run.seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
+            stage = "vae" if run.step <= c.vae_steps else "unet"
+            bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
+        if ckpt is not None and (run.step % c.checkpoint_every == 0 or run.step == total):
+            with atomic_write(ckpt) as tmp:
+                torch.save(run.state_dict(), tmp)
+
+
 def train_shapes(
     out: str | Path,
     config: ShapesTrainConfig | None = None,
@@ -219,7 +262,6 @@ def train_shapes(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train (or resume) into ``out``; returns the ``train_info.json`` contents."""
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     config = config or ShapesTrainConfig()
@@ -234,34 +276,9 @@ def train_shapes(
     if resume and ckpt.is_file():
         run.load_state_dict(torch.load(ckpt, weights_only=False))
     pool = render_pool(config)
-    noise_sched = DDPMScheduler.from_config(run.parts.scheduler.config)
     total = config.vae_steps + config.unet_steps
-    latents = None
     bar = tqdm(total=total, initial=run.step, disable=not progress, desc="train_shapes")
-    p = run.parts
-    while run.step < total:
-        t0 = time.perf_counter()
-        if run.step < config.vae_steps:
-            p.vae.train()
-            loss = _vae_step(run, pool)
-        else:
-            if latents is None:
-                if run.step == config.vae_steps:  # the VAE stage just ended: fix its scale
-                    std = _encode_pool(p, pool["images"]).std()
-                    p.vae.register_to_config(scaling_factor=float(1.0 / std))
-                latents = _encode_pool(p, pool["images"]) * p.vae.config.scaling_factor
-                p.vae.requires_grad_(False)
-            p.unet.train()
-            p.text_encoder.train()
-            loss = _unet_step(run, pool, latents, noise_sched)
-        run.losses.append(loss)
-        run.step += 1
-        run.seconds += time.perf_counter() - t0
-        bar.update(1)
-        bar.set_postfix(stage="vae" if run.step <= config.vae_steps else "unet", loss=f"{loss:.4f}")
-        if run.step % config.checkpoint_every == 0 or run.step == total:
-            with atomic_write(ckpt) as tmp:
-                torch.save(run.state_dict(), tmp)
+    _train_steps(run, pool, total, ckpt=ckpt, bar=bar)
     bar.close()
     return _write_model(run, out)
 

@@ -108,3 +108,13 @@ def test_generation_makes_the_prompted_shape():
         pred = clf(images).argmax(1)
     wanted = torch.arange(5).repeat_interleave(8)
     assert (pred == wanted).float().mean() >= 0.6  # chance is 0.2
+
+
+def test_bad_half_or_a_missing_cfg_batch_is_refused_before_any_work():
+    from attnpatch.errors import AttnPatchError
+
+    s = _scenes()
+    with pytest.raises(AttnPatchError, match="guidance_scale != 1"):
+        word_maps(_shapes(), s["images"], s["labels"], half="uncond")
+    with pytest.raises(AttnPatchError, match="'cond' or 'uncond'"):
+        word_maps(_shapes(), s["images"], s["labels"], half="both")

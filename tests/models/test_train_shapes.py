@@ -62,7 +62,8 @@ def test_same_seed_same_bytes_and_a_resumed_run_loses_nothing(tmp_path):
     short = ts.ShapesTrainConfig(**_SMALL)
     run = ts._Run(short)
     pool = ts.render_pool(short)
-    torch.save(_run_until(run, pool, 4), tmp_path / "ckpt.pt")
+    ts._train_steps(run, pool, 4)  # the loop train_shapes runs, stopped at step 4
+    torch.save(run.state_dict(), tmp_path / "ckpt.pt")
     (tmp_path / "resumed").mkdir()
     (tmp_path / "ckpt.pt").rename(tmp_path / "resumed" / "checkpoint.pt")
     ts.train_shapes(tmp_path / "resumed", config, resume=True, progress=False)
@@ -72,30 +73,6 @@ def test_same_seed_same_bytes_and_a_resumed_run_loses_nothing(tmp_path):
     ts.train_shapes(tmp_path / "again", config, progress=False)
     c = _state(tmp_path / "again")
     assert all(torch.equal(a[k], c[k]) for k in a)
-
-
-def _run_until(run, pool, steps):
-    """Drive a run by hand to ``steps`` exactly as train_shapes does, return its checkpoint."""
-    from diffusers import DDPMScheduler
-
-    c, p = run.config, run.parts
-    noise = DDPMScheduler.from_config(p.scheduler.config)
-    latents = None
-    while run.step < steps:
-        if run.step < c.vae_steps:
-            p.vae.train()
-            run.losses.append(ts._vae_step(run, pool))
-        else:
-            if latents is None:
-                std = ts._encode_pool(p, pool["images"]).std()
-                p.vae.register_to_config(scaling_factor=float(1.0 / std))
-                latents = ts._encode_pool(p, pool["images"]) * p.vae.config.scaling_factor
-                p.vae.requires_grad_(False)
-            p.unet.train()
-            p.text_encoder.train()
-            run.losses.append(ts._unet_step(run, pool, latents, noise))
-        run.step += 1
-    return run.state_dict()
 
 
 def test_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path):
