@@ -41,16 +41,26 @@ def _trace_unet(spec: str):
     )
 
 
+def _latent_size(text: str | None) -> int | tuple[int, int] | None:
+    """``"64"`` -> 64, ``"64x48"`` -> (64, 48); anything else is a clear error."""
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise AttnPatchError(
+            f"--latent must be a positive side or HxW (e.g. 64 or 64x48), got {text!r}"
+        )
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
 def _cmd_trace(args: argparse.Namespace) -> int:
     from .hooks import format_sites, summarize_sites, trace_attention
 
     unet = _trace_unet(args.model)
-    latent = args.latent
-    if latent is not None and "x" in latent:
-        h, w = (int(v) for v in latent.lower().split("x"))
-        size: int | tuple[int, int] | None = (h, w)
-    else:
-        size = int(latent) if latent is not None else None
+    size = _latent_size(args.latent)
     sites = trace_attention(unet, size, text_len=args.text_len)
     print(f"{len(sites)} attention layers ({sum(not s.is_cross for s in sites)} self)")
     print(summarize_sites(sites))
@@ -146,16 +156,53 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .patch import AdversarialPatch
 
     patch = AdversarialPatch.load(args.patch)
-    os.makedirs(args.out, exist_ok=True)
+    files = _image_files(args.images)
+    plan = _apply_plan(files, args.out)  # every check before the first image is written
     g = torch.Generator().manual_seed(args.seed)
-    for path in _image_files(args.images):
+    for path, dest in plan:
         x = read_image(path)[None]
         with torch.no_grad():
             patched, _ = patch(x, eot=args.eot, generator=g)
-        dest = os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + "_patched.png")
         save_image(patched[0], dest)
         print(dest)
     return 0
+
+
+def _apply_plan(files: list[str], out: str) -> list[tuple[str, str]]:
+    """``(image, destination)`` pairs, after checking that every image reads and every
+    destination can be written (so a bad file fails the command before any output)."""
+    from PIL import Image
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise AttnPatchError(f"--out {out!r} is a file; pass a folder (it is created if needed)")
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+            bad.append(f"{path} ({type(e).__name__})")
+    if bad:
+        raise AttnPatchError(
+            f"{len(bad)} of {len(files)} images cannot be read: {', '.join(bad[:5])}; delete or "
+            "re-save them, nothing was written"
+        )
+    plan, seen = [], set()
+    for path in files:
+        name = os.path.splitext(os.path.basename(path))[0] + "_patched.png"
+        dest = os.path.join(out, name)
+        if name in seen or os.path.isdir(dest):
+            why = "two inputs share this name" if name in seen else "it is a folder"
+            raise AttnPatchError(f"cannot write {dest!r}: {why}; choose another --out")
+        seen.add(name)
+        plan.append((path, dest))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise AttnPatchError(f"cannot create --out {out!r} ({e}); choose another folder") from None
+    if not os.access(out, os.W_OK):
+        raise AttnPatchError(f"--out {out!r} is not writable; choose another folder")
+    return plan
 
 
 def _add_apply(sub) -> None:
@@ -214,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except AttnPatchError as e:
         print(f"attnpatch: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the trainer checkpoints first and says where
+        print(f"attnpatch: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Image-format checks, the classifier-side -> diffusion-side conversion, and 8-bit output.
+"""Image-format checks, the classifier-side -> diffusion-side conversion, 8-bit output, and
+reading image files (:func:`read_image`, every reader of the library uses it).
 
 Two conventions meet in this library:
 
@@ -29,6 +30,8 @@ __all__ = [
     "resize",
     "to_pil",
     "save_image",
+    "read_image",
+    "decode_image",
     "CLASSIFIER_RANGE",
     "DIFFUSION_RANGE",
 ]
@@ -217,3 +220,61 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     pil = to_pil(image)
     with atomic_write(path) as tmp:
         pil.save(tmp, format="PNG")
+
+
+def read_image(
+    path: str | os.PathLike, size: int | tuple[int, int] | None = None, *, resize: str = "crop"
+) -> torch.Tensor:
+    """One image file as ``(3, H, W)`` float RGB in [0, 1], read as :class:`ImageFolder` reads
+    its files (EXIF orientation applied, alpha dropped; ``size`` and ``resize`` as there).
+    Unreadable files raise :class:`AttnPatchError` naming the file."""
+    if resize not in ("crop", "stretch"):
+        raise AttnPatchError(f"resize must be 'crop' or 'stretch', got {resize!r}")
+    hw = None if size is None else as_pair(size, "size")
+    return decode_image(os.fspath(path), hw, resize).float() / 255.0
+
+
+def decode_image(path: str, size: tuple[int, int] | None, resize: str) -> torch.Tensor:
+    """Read one file -> ``(3, H, W)`` uint8 RGB (EXIF orientation applied, alpha dropped;
+    16-bit and 32-bit grey images scaled to 8 bits, not clipped)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = _to_8bit(im).convert("RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                h, w = size
+                if resize == "stretch":
+                    box = (0.0, 0.0, float(im.width), float(im.height))
+                else:  # "crop": the largest centred box with the target aspect ratio
+                    scale = min(im.width / w, im.height / h)
+                    bw, bh = w * scale, h * scale
+                    left, top = (im.width - bw) / 2, (im.height - bh) / 2
+                    box = (left, top, left + bw, top + bh)
+                im = im.resize((w, h), Image.Resampling.BICUBIC, box=box)
+            array = np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for bad files
+        raise AttnPatchError(
+            f"cannot read image {path!r} ({type(e).__name__}: {e}); delete the file, or re-save "
+            "it as PNG/JPEG"
+        ) from e
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _to_8bit(im):
+    """16-bit (``I;16*``, ``I``) and float (``F``) grey images as 8-bit ``L``.
+
+    PIL's own ``convert("RGB")`` clips such values at 255 (a 16-bit photo becomes white)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        x = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or x.max(initial=0) > 255 else 255.0
+    elif im.mode == "F":
+        x = np.asarray(im, dtype=np.float64)
+        top = 1.0 if x.max(initial=0) <= 1.0 else 255.0
+    else:
+        return im
+    x = np.clip(np.rint(x * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(x, mode="L")

@@ -19,13 +19,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .._util import as_pair
 from ..errors import AttnPatchError
-from ..images import check_image, to_pil
+from ..images import check_image, decode_image, read_image, to_pil
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,45 +38,6 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 Size = int | tuple[int, int]
-
-
-def read_image(
-    path: str | os.PathLike, size: int | tuple[int, int] | None = None, *, resize: str = "crop"
-) -> torch.Tensor:
-    """One image file as ``(3, H, W)`` float RGB in [0, 1], read as :class:`ImageFolder` reads
-    its files (EXIF orientation applied, alpha dropped; ``size`` and ``resize`` as there).
-    Unreadable files raise :class:`AttnPatchError` naming the file."""
-    if resize not in ("crop", "stretch"):
-        raise AttnPatchError(f"resize must be 'crop' or 'stretch', got {resize!r}")
-    hw = None if size is None else as_pair(size, "size")
-    return _decode(os.fspath(path), hw, resize).float() / 255.0
-
-
-def _decode(path: str, size: tuple[int, int] | None, resize: str) -> torch.Tensor:
-    """Read one file -> ``(3, H, W)`` uint8 RGB (EXIF orientation applied, alpha dropped)."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im = im.convert("RGB")
-            if size is not None and im.size != (size[1], size[0]):
-                h, w = size
-                if resize == "stretch":
-                    box = (0.0, 0.0, float(im.width), float(im.height))
-                else:  # "crop": the largest centred box with the target aspect ratio
-                    scale = min(im.width / w, im.height / h)
-                    bw, bh = w * scale, h * scale
-                    left, top = (im.width - bw) / 2, (im.height - bh) / 2
-                    box = (left, top, left + bw, top + bh)
-                im = im.resize((w, h), Image.Resampling.BICUBIC, box=box)
-            array = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for bad files
-        raise AttnPatchError(
-            f"cannot read image {path!r} ({type(e).__name__}: {e}); delete the file, or re-save "
-            "it as PNG/JPEG"
-        ) from e
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 class ImageFolder(Dataset):
@@ -302,7 +262,7 @@ class ImageFolder(Dataset):
         """Image ``index`` as ``(3, H, W)`` uint8 (from the cache when enabled)."""
         if index in self._cache:
             return self._cache[index]
-        image = _decode(self.samples[index][0], self.size, self.resize)
+        image = decode_image(self.samples[index][0], self.size, self.resize)
         if self.cache:
             self._cache[index] = image
         return image

@@ -189,6 +189,11 @@ def _check_latents(fn: str, unet: nn.Module, latents: Any) -> int:
             f"latents.to({unet_dtype}) (and embeddings of the same dtype), or run under "
             "torch.autocast"
         )
+    if not bool(torch.isfinite(latents.detach()).all()):
+        raise AttnPatchError(
+            f"{fn}: latents contain NaN or Inf; check the images given to vae_encode (and, in "
+            "float16, use the float32 VAE: docs/performance.md)"
+        )
     return latents.shape[0]
 
 

@@ -14,6 +14,8 @@ loaders).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -72,7 +74,8 @@ def vae_encode(
     Args:
         vae: a diffusers ``AutoencoderKL`` (``pipe.vae``).
         images: ``(B, 3, H, W)`` RGB in [-1, 1] (see :func:`attnpatch.to_diffusion_input`);
-            ``H`` and ``W`` multiples of :func:`vae_scale_factor`.
+            ``H`` and ``W`` multiples of :func:`vae_scale_factor`. [0, 1] images cannot be told
+            from bright [-1, 1] ones: a batch with no negative pixel gets a ``UserWarning``.
         sample: ``False`` (default) takes the posterior mean, deterministic, as
             prompt-to-prompt and null-text inversion do; ``True`` draws
             ``mean + std * noise`` (reparameterised: still differentiable).
@@ -88,6 +91,14 @@ def vae_encode(
     """
     factor = vae_scale_factor(vae)
     check_image(images, DIFFUSION_RANGE, channels=vae.config.in_channels, name="images")
+    if float(images.detach().amin()) >= 0.0:
+        warnings.warn(
+            "vae_encode: no pixel of the batch is below 0, as with [0, 1] images; vae_encode "
+            "takes [-1, 1] (convert with attnpatch.to_diffusion_input). Ignore this if the "
+            "images are [-1, 1] and merely bright.",
+            UserWarning,
+            stacklevel=2,
+        )
     h, w = images.shape[-2:]
     if h % factor or w % factor:
         raise AttnPatchError(

@@ -81,6 +81,13 @@ def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
             f"hijack needs an attnpatch.AttentionControl (e.g. AttentionStore()), got "
             f"{type(controller).__name__}"
         )
+    if not isinstance(unet, nn.Module):
+        inner = getattr(unet, "unet", None)
+        hint = "pass its .unet" if isinstance(inner, nn.Module) else "pass a diffusers UNet"
+        raise AttnPatchError(
+            f"hijack needs the UNet (an nn.Module such as pipe.unet or parts.unet), got a "
+            f"{type(unet).__name__}; {hint}"
+        )
     modules: list[tuple[str, nn.Module]] = []
     blocks: list[nn.Module] = []  # modules diffusers can checkpoint
     for name, module in unet.named_modules():  # one traversal for both lists

@@ -86,7 +86,8 @@ class EOT:
             (adversarial-yolo: 20; Brown et al.: 22.5).
         scale: side-length multiplier uniform in ``[low, high]``, on top of the placement scale.
         translate: shift uniform in ``[-translate, translate]`` times the placed patch's height
-            (y) and width (x), per axis. May move the patch partly out of the image (it is cropped).
+            (y) and width (x), per axis; must be < 1, so the patch never leaves the image
+            entirely. May move it partly out (it is cropped).
         distortion: perspective; each of the 4 corners moves by uniform
             ``[-distortion, distortion]`` times the half-side, per axis. Must be < 1.
         contrast: multiplier of the patch pixels, uniform in ``[low, high]`` (adversarial-yolo).
@@ -111,7 +112,7 @@ class EOT:
             raise AttnPatchError(f"EOT enabled must be True or False, got {self.enabled!r}")
         self.degrees = _amount(self.degrees, "degrees", upper=180.0)
         self.scale = _pair(self.scale, "scale")
-        self.translate = _amount(self.translate, "translate")
+        self.translate = _amount(self.translate, "translate", upper=1.0)
         self.distortion = _amount(self.distortion, "distortion", upper=1.0)
         self.contrast = _pair(self.contrast, "contrast")
         self.brightness = _amount(self.brightness, "brightness")

@@ -33,7 +33,7 @@ from torch import nn
 
 from .._util import as_pair, atomic_write
 from ..errors import AttnPatchError
-from ..images import check_image, resize, to_pil
+from ..images import check_image, read_image, resize, to_pil
 from .eot import EOT
 from .placement import (
     PatchParams,
@@ -100,18 +100,17 @@ def _initial_pixels(
         if init == "gray":
             return torch.full((1, 3, h, w), 0.5, dtype=dtype)
         return torch.rand((1, 3, h, w), generator=generator, dtype=torch.float32).to(dtype)
+    if isinstance(init, (str, os.PathLike)):
+        path = Path(init)
+        if not path.is_file():
+            raise AttnPatchError(
+                f"init must be 'gray', 'random', an image tensor, a PIL image or a path to an "
+                f"image file; no file at {str(path)!r}"
+            )
+        init = read_image(path)  # a clear error for a corrupt file
     if not isinstance(init, torch.Tensor):
         from PIL import Image
 
-        if isinstance(init, (str, os.PathLike)):
-            path = Path(init)
-            if not path.is_file():
-                raise AttnPatchError(
-                    f"init must be 'gray', 'random', an image tensor, a PIL image or a path to an "
-                    f"image file; no file at {str(path)!r}"
-                )
-            with Image.open(path) as im:
-                init = im.convert("RGB")
         if not isinstance(init, Image.Image):
             raise AttnPatchError(
                 f"init must be 'gray', 'random', an image tensor (3, h, w) / (1, 3, h, w) in [0, 1], "

@@ -8,9 +8,10 @@ A checkpoint is a folder ``checkpoints/it-NNNNNN/`` holding
   state);
 * ``config.json`` — the run's config.
 
-``checkpoints/latest`` names the newest folder. Each folder is written under a temporary name
-and renamed into place, and ``latest`` is replaced atomically, so a run killed at any moment
-leaves the previous checkpoint readable.
+``checkpoints/latest`` names the newest folder. Each folder is written under a temporary name,
+its files flushed to disk (fsync), and renamed into place; ``latest`` is replaced atomically, so
+a run killed at any moment leaves the previous checkpoint readable. A truncated or foreign
+checkpoint is refused with an :class:`~attnpatch.errors.AttnPatchError` naming the file.
 """
 
 from __future__ import annotations
@@ -49,28 +50,67 @@ def write_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     patch.save(tmp / "patch.safetensors", extra={"iteration": str(state["iteration"])})
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    with atomic_write(tmp / "state.pt") as f:
+        torch.save(state, f)
+    with atomic_write(tmp / "config.json") as f:
+        f.write_text(json.dumps(config, indent=2))
+    _fsync_dir(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with atomic_write(root / "latest") as pointer:
         pointer.write_text(name)
+    _fsync_dir(root)
     for old in root.glob("it-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (renames into it) to disk, where the OS allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def read_checkpoint(
     folder: Path, config: dict[str, Any], device: torch.device
 ) -> tuple[AdversarialPatch, dict[str, Any]]:
     """``(patch, state)`` of the checkpoint ``folder``, after checking that it was written by a
-    run of ``config`` (up to :data:`RESUMABLE_CHANGES`)."""
-    saved = json.loads((folder / "config.json").read_text())
+    run of ``config`` (up to :data:`RESUMABLE_CHANGES`). A missing, truncated or corrupt file
+    raises :class:`AttnPatchError` naming it."""
+    fix = (
+        "the checkpoint is damaged; resume from an intact one (pass its folder to "
+        "load_checkpoint), or start again with --overwrite"
+    )
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AttnPatchError(f"cannot read {folder / 'config.json'} ({e}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise AttnPatchError(f"{folder / 'config.json'} is not a config; {fix}")
     _check_same_config(saved, config, folder)
-    patch = AdversarialPatch.load(folder / "patch.safetensors", device=device)
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    try:
+        patch = AdversarialPatch.load(folder / "patch.safetensors", device=device)
+    except AttnPatchError as e:
+        raise AttnPatchError(f"{e}; {fix}") from None
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, OSError, pickle errors
+        raise AttnPatchError(
+            f"cannot read {folder / 'state.pt'} ({type(e).__name__}); {fix}"
+        ) from None
+    missing = {"iteration", "counter", "steps", "optimizer", "grad"} - set(state or {})
+    if not isinstance(state, dict) or missing:
+        raise AttnPatchError(f"{folder / 'state.pt'} is not a training state; {fix}")
     return patch, state
 
 
@@ -86,7 +126,13 @@ def checkpoint_folder(out_dir: Path | None, path: str | os.PathLike | None) -> P
                 f"no checkpoint in {out_dir}/checkpoints; start without --resume, or pass the "
                 "run folder of an earlier run"
             )
-        return out_dir / "checkpoints" / pointer.read_text().strip()
+        folder = out_dir / "checkpoints" / pointer.read_text().strip()
+        if not (folder / "state.pt").is_file():
+            raise AttnPatchError(
+                f"{pointer} names {folder.name!r}, which is missing or incomplete; pass an "
+                "intact checkpoint folder, or start again with --overwrite"
+            )
+        return folder
     folder = Path(path)
     if (folder / "checkpoints" / "latest").is_file():
         return checkpoint_folder(folder, None)
@@ -119,13 +165,17 @@ def _check_same_config(saved: dict[str, Any], current: dict[str, Any], folder: P
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop metric lines of iterations at or after ``iteration`` (they will be redone)."""
+    """Drop metric lines of iterations at or after ``iteration`` (they will be redone), and a
+    last line cut short by a kill."""
     if not path.is_file():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["iteration"] < iteration
-    ]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line a killed run did not finish
+            continue
+        if record["iteration"] < iteration:
+            keep.append(line)
     with atomic_write(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep))

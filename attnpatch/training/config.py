@@ -21,6 +21,7 @@ from typing import Any
 
 from ..diffusion import PROMPT_TEMPLATE
 from ..errors import AttnPatchError
+from ..patch import EOT
 
 __all__ = [
     "TrainConfig",
@@ -84,6 +85,19 @@ class PatchConfig:
     contrast: list[float] = field(default_factory=lambda: [0.8, 1.2])
     brightness: float = 0.1  #: +- additive
     noise: float = 0.1  #: +- per-pixel uniform noise
+
+    def transforms(self) -> EOT:
+        """The :class:`~attnpatch.patch.EOT` these fields describe (it checks their ranges)."""
+        return EOT(
+            enabled=True,
+            degrees=self.degrees,
+            scale=tuple(self.eot_scale),
+            translate=self.translate,
+            distortion=self.distortion,
+            contrast=tuple(self.contrast),
+            brightness=self.brightness,
+            noise=self.noise,
+        )
 
 
 @dataclass
@@ -198,6 +212,16 @@ class TrainConfig:
             f"got {p.scale}",
             "e.g. [0.3, 0.4]",
         )
+        try:
+            p.transforms()
+        except AttnPatchError as e:
+            raise AttnPatchError(f"patch: {e} (the patch.* EOT fields)") from None
+        _require(p.size >= 1, f"patch.size must be >= 1, got {p.size}", "")
+        _require(
+            self.eval.eot_samples >= 1 and self.eval.examples >= 0,
+            "eval.eot_samples must be >= 1 and eval.examples >= 0",
+            "",
+        )
         _require(self.attack.loss in ("ce", "cw"), "attack.loss must be 'ce' or 'cw'", "")
         _require(
             not self.attack.targeted or bool(self.attack.target),
@@ -301,27 +325,38 @@ def load_config(
         if not os.path.isfile(path):
             raise AttnPatchError(f"config file {path!r} does not exist")
         ext = os.path.splitext(path)[1].lower()
+        if ext not in (".yaml", ".yml", ".toml", ".json"):
+            raise AttnPatchError(f"config {path!r}: use a .yaml, .yml, .toml or .json file")
         with open(path, "rb") as f:
             raw = f.read()
+        data = _parse(raw, ext, path)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return config_from_dict(data)
+
+
+def _parse(raw: bytes, ext: str, path: str) -> Any:
+    """The file's mapping; a syntax error names the file and the line."""
+    try:
         if ext in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(raw) or {}
-        elif ext == ".toml":
+            return yaml.safe_load(raw) or {}
+        if ext == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
 
-            data = tomllib.loads(raw.decode())
-        elif ext == ".json":
-            data = json.loads(raw)
-        else:
-            raise AttnPatchError(f"config {path!r}: use a .yaml, .yml, .toml or .json file")
-    for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        data.setdefault(section, {})[key] = value
-    return config_from_dict(data)
+            return tomllib.loads(raw.decode())
+        return json.loads(raw)
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, Unicode
+        detail = " ".join(str(e).split())
+        raise AttnPatchError(
+            f"config {path!r} is not valid {ext[1:].upper()}: {detail[:300]}; fix the file "
+            "(docs/training.md shows an example)"
+        ) from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

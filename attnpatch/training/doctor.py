@@ -72,13 +72,20 @@ class _Observer:
 
 
 def diagnose(trainer: PatchTrainer, *, iterations: int | None = None) -> Report:
-    """Run ``iterations`` (default ``K + 1``) instrumented iterations of ``trainer`` and check.
+    """Run ``iterations`` (default and minimum ``K + 1``) instrumented iterations of ``trainer``
+    and check.
 
     The trainer is restored afterwards (patch, optimizer, gradient, counters, RNG).
     """
     report = Report()
     K = trainer.config.train.accumulate
     n = iterations if iterations is not None else K + 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
+        raise AttnPatchError(
+            f"the doctor needs at least K + 1 = {K + 1} iterations (one optimizer step, then a "
+            f"loss seen after it), got {iterations!r}; pass --iterations {K + 1} or more, or "
+            "leave it out"
+        )
     saved = _snapshot(trainer)
     try:
         _static_checks(report, trainer)

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from .._util import atomic_write
 from ..data import ImageFolder, ShapesConfig, shapes_dataset
 from ..errors import AttnPatchError
 from ..models import load_classifier, load_diffusion
-from ..patch import EOT, AdversarialPatch
+from ..patch import AdversarialPatch
 from . import viz
 from .config import TrainConfig, config_to_dict
 from .evaluate import EvalResult, evaluate_patch
@@ -100,23 +101,13 @@ def load_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
 def build_patch(cfg: TrainConfig, device: torch.device) -> AdversarialPatch:
     """The patch the config describes, initialised from ``train.seed``."""
     p = cfg.patch
-    eot = EOT(
-        enabled=True,
-        degrees=p.degrees,
-        scale=tuple(p.eot_scale),
-        translate=p.translate,
-        distortion=p.distortion,
-        contrast=tuple(p.contrast),
-        brightness=p.brightness,
-        noise=p.noise,
-    )
     return AdversarialPatch(
         p.size,
         shape=p.shape,
         init=p.init,
         scale=tuple(p.scale) if p.scale else None,
         position=p.position,
-        eot=eot,
+        eot=p.transforms(),
         generator=torch.Generator().manual_seed(cfg.train.seed),
     ).to(device)
 
@@ -127,12 +118,12 @@ def build_trainer(
     """Models, data and patch from the config; returns ``(trainer, held-out data)``."""
     device = resolve_device(cfg.models.device)
     train, held = load_datasets(cfg)
+    weights = cfg.models.classifier_weights or None
     if cfg.models.classifier == "tiny":
-        classifier = load_classifier(
-            "tiny", config=ShapesConfig(size=cfg.data.image_size), device=device
-        )
+        shapes = ShapesConfig(size=cfg.data.image_size)
+        classifier = load_classifier("tiny", weights=weights, config=shapes, device=device)
     else:
-        classifier = load_classifier(cfg.models.classifier, device=device)
+        classifier = load_classifier(cfg.models.classifier, weights=weights, device=device)
     parts = load_diffusion(cfg.models.diffusion, device=device)
     patch = build_patch(cfg, device)
     trainer = PatchTrainer(
@@ -158,21 +149,23 @@ def run_training(
     """
     start = time.perf_counter()
     out = Path(cfg.train.out_dir)
-    if (out / "checkpoints" / "latest").exists() and not resume:
-        if not overwrite:
-            raise AttnPatchError(
-                f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
-                "again, or choose another train.out_dir"
-            )
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    trainer, held = build_trainer(cfg, out)
+    check_out_dir(out)
+    replace = (out / "checkpoints" / "latest").exists() and not resume
+    if replace and not overwrite:
+        raise AttnPatchError(
+            f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
+            "again, or choose another train.out_dir"
+        )
+    trainer, held = build_trainer(cfg, out)  # every check, before anything is deleted
     if resume:
         trainer.load_checkpoint()
         log(f"resumed {out} at iteration {trainer.iteration} (counter {trainer.counter})")
     else:
+        if replace:
+            shutil.rmtree(out / "checkpoints")
+        out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    _write_json(out / "config.json", config_to_dict(cfg))
     trainer.train()
     trainer.save_checkpoint()
     patch = trainer.patch
@@ -198,8 +191,30 @@ def run_training(
     }
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_json(out / "summary.json", summary)
     return RunResult(out, result, seconds, trainer)
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse a ``train.out_dir`` that is a file, lies under one, or cannot be written."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise AttnPatchError(
+                    f"train.out_dir {str(out)!r}: {str(p)!r} is a file, not a folder; choose "
+                    "another train.out_dir"
+                )
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise AttnPatchError(
+                    f"train.out_dir {str(out)!r}: {str(p)!r} is not writable; choose another "
+                    "train.out_dir"
+                )
+            return
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2))
 
 
 def write_figures(

@@ -14,6 +14,11 @@ then ``optimizer.zero_grad()`` (and only then) and the counter goes back to 0.
 Classifier, UNet, VAE and text encoder are frozen and in eval mode throughout. Checkpoints
 (:mod:`attnpatch.training.checkpoint`) hold the patch, :meth:`PatchTrainer.state_dict` and the
 config: a resumed run ends with the same patch, bit for bit on CPU, as an uninterrupted one.
+
+Randomness: iteration ``i``'s placement and EOT draws come from
+:meth:`PatchTrainer.generator` (seeded from ``train.seed`` and ``i``), its batch from
+:func:`~attnpatch.data.batches` (the same rule): never from torch's global generator, so one
+config gives one run. Ctrl-C stops after the current iteration and checkpoints it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._util import freeze
+from .._util import derive_seed, freeze
 from ..data import batch_indices, batches
 from ..diffusion import (
     AttentionPipeline,
@@ -54,6 +59,7 @@ from ..models import probe_classifier
 from ..patch import AdversarialPatch
 from .checkpoint import checkpoint_folder, read_checkpoint, truncate_metrics, write_checkpoint
 from .config import TrainConfig, config_to_dict
+from .interrupt import CtrlC
 
 __all__ = ["PatchTrainer", "IterationOutputs", "TERMS", "attention_pipeline"]
 
@@ -179,14 +185,29 @@ class PatchTrainer:
         }
 
     # -- one forward pass ---------------------------------------------------------------------
+    def generator(self, iteration: int) -> torch.Generator:
+        """The CPU generator of iteration ``iteration``'s placement and EOT draws, seeded from
+        ``train.seed`` and the iteration alone (``derive_seed("attnpatch-patch", seed, i)``)."""
+        seed = derive_seed("attnpatch-patch", self.config.train.seed, iteration)
+        return torch.Generator().manual_seed(seed)
+
     def forward(
-        self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] = ()
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: Sequence[int] = (),
+        *,
+        generator: torch.Generator | None = None,
     ) -> IterationOutputs:
-        """Patch, classify, run the attention pipeline, build every loss term."""
+        """Patch, classify, run the attention pipeline, build every loss term.
+
+        ``generator``: the placement/EOT draws (default: :meth:`generator` of the current
+        iteration, ``self.iteration``)."""
         terms = LossTerms(self.weights)
+        g = generator if generator is not None else self.generator(self.iteration)
         # The patch checks the batch (layout, [0, 1]); its output is in [0, 1] by construction,
         # and to_diffusion_input / vae_encode check the diffusion side.
-        patched, mask = self.patch(images, eot=self.config.patch.eot)
+        patched, mask = self.patch(images, eot=self.config.patch.eot, generator=g)
         logits = self.classifier(patched)
         clf_labels = self.logit_index.to(labels.device)[labels]
         targets = clf_labels if self.target is None else torch.full_like(labels, self.target)
@@ -248,35 +269,45 @@ class PatchTrainer:
         batch_size = self.config.data.batch_size
         bar = _progress(self, progress if progress is not None else cfg.progress)
         try:
-            for it, images, labels in batches(
-                self.data,
-                batch_size,
-                seed=cfg.seed,
-                start=self.iteration,
-                stop=cfg.iterations,
-                device=self.patch.pixels.device,
-            ):
-                indices = batch_indices(len(self.data), batch_size, it, seed=cfg.seed)
-                out = self.forward(images, labels, indices)
-                self._emit("forward", out)
-                out.terms.total().backward()  # every iteration
-                self._emit("backward", out)
-                self.counter += 1
-                stepped = self.counter == K
-                if stepped:  # only when the counter reaches K
-                    self.optimizer.step()
-                    self.optimizer.zero_grad()  # only right after a step
-                    self.patch.clamp_()  # keep the patch in [0, 1]
-                    self.counter = 0
-                    self.steps += 1
-                self.iteration = it + 1
-                self._log(out, stepped, bar)
-                if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with CtrlC() as ctrl_c:
+                for it, images, labels in batches(
+                    self.data,
+                    batch_size,
+                    seed=cfg.seed,
+                    start=self.iteration,
+                    stop=cfg.iterations,
+                    device=self.patch.pixels.device,
+                ):
+                    indices = batch_indices(len(self.data), batch_size, it, seed=cfg.seed)
+                    out = self.forward(images, labels, indices, generator=self.generator(it))
+                    self._emit("forward", out)
+                    out.terms.total().backward()  # every iteration
+                    self._emit("backward", out)
+                    self.counter += 1
+                    stepped = self.counter == K
+                    if stepped:  # only when the counter reaches K
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()  # only right after a step
+                        self.patch.clamp_()  # keep the patch in [0, 1]
+                        self.counter = 0
+                        self.steps += 1
+                    self.iteration = it + 1
+                    self._log(out, stepped, bar)
+                    if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if ctrl_c.pressed:
+                        self._interrupted()
         finally:
             if bar is not None:
                 bar.close()
         return self.patch
+
+    def _interrupted(self) -> None:
+        """After Ctrl-C: checkpoint the last completed iteration, then raise KeyboardInterrupt."""
+        where = "nothing was written (no out_dir)"
+        if self.out_dir is not None:
+            where = f"checkpoint {self.save_checkpoint()} written; --resume continues the run"
+        raise KeyboardInterrupt(f"stopped after iteration {self.iteration}: {where}")
 
     def _emit(self, event: str, *args: Any) -> None:
         for hook in self.hooks[event]:
@@ -304,7 +335,8 @@ class PatchTrainer:
     # -- state and checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The loop's state besides the patch pixels: iteration, counter, optimizer steps, a copy
-        of the optimizer state, the accumulated gradient and torch's RNG state."""
+        of the optimizer state and the accumulated gradient. (No RNG state: every draw is a
+        function of ``train.seed`` and the iteration.)"""
         grad = self.patch.pixels.grad
         return {
             "iteration": self.iteration,
@@ -312,8 +344,6 @@ class PatchTrainer:
             "steps": self.steps,
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "grad": None if grad is None else grad.detach().cpu().clone(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -326,9 +356,6 @@ class PatchTrainer:
             state["counter"],
             state["steps"],
         )
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/it-NNNNNN/`` atomically and point ``checkpoints/latest`` at it."""
@@ -344,6 +371,12 @@ class PatchTrainer:
         loaded, state = read_checkpoint(folder, config, self.patch.pixels.device)
         if loaded.size != self.patch.size:
             raise AttnPatchError(f"checkpoint patch size {loaded.size} != {self.patch.size}")
+        if state["iteration"] > self.config.train.iterations:
+            raise AttnPatchError(
+                f"checkpoint {folder} is at iteration {state['iteration']}, past "
+                f"train.iterations={self.config.train.iterations}; resume with --train.iterations"
+                f" {state['iteration']} or more"
+            )
         with torch.no_grad():
             self.patch.pixels.copy_(loaded.pixels)
         self.load_state_dict(state)

@@ -139,8 +139,8 @@ def test_grayscale_and_rgba_become_rgb(tmp_path):
 def test_cache_avoids_decoding_twice(folder, monkeypatch):
     root, _ = folder
     calls = []
-    real = data._decode
-    monkeypatch.setattr(data, "_decode", lambda *a: calls.append(a[0]) or real(*a))
+    real = data.decode_image
+    monkeypatch.setattr(data, "decode_image", lambda *a: calls.append(a[0]) or real(*a))
     cached = ImageFolder(root, size=8)  # 8 images * 192 bytes: under the default limit
     assert cached.cache
     first = [cached[i][0] for i in range(len(cached))]

@@ -116,7 +116,7 @@ def test_hijack_left_installed(parts, data, monkeypatch):
     trainer = trainer_for(parts, data)
     originals = {n: m.processor for n, m in ap.hooks.attention_modules(parts.unet)}
     try:
-        report = diagnose(trainer, iterations=1)
+        report = diagnose(trainer)
         assert_fail(report, "hijack removed after the maps", "remove_hijack")
     finally:
         for name, module in ap.hooks.attention_modules(parts.unet):
