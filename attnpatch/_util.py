@@ -19,7 +19,15 @@ from torch import nn
 
 from .errors import AttnPatchError
 
-__all__ = ["as_pair", "atomic_write", "one_thread", "seeded", "derive_seed", "freeze"]
+__all__ = [
+    "as_pair",
+    "atomic_write",
+    "num_threads",
+    "one_thread",
+    "seeded",
+    "derive_seed",
+    "freeze",
+]
 
 
 def _is_int(value: Any) -> bool:
@@ -80,18 +88,23 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch ops on one CPU thread inside the block; the caller's count is restored.
-
-    For the small, deterministic work on synthetic data (rendering shapes, training the tiny
-    classifier): results then do not depend on ``torch.get_num_threads()``.
-    """
+def num_threads(n: int) -> Iterator[None]:
+    """Run torch ops on ``n`` CPU threads inside the block (``0``: leave the count as it is);
+    the caller's count is restored. CPU float reductions are split by thread, so results are
+    bit-identical only between runs on the same count."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if n:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    """``num_threads(1)``: for the small, deterministic work on synthetic data (rendering
+    shapes, training the tiny models), whose results then do not depend on the machine."""
+    return num_threads(1)
 
 
 @contextlib.contextmanager

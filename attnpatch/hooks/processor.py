@@ -194,13 +194,19 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         if isinstance(outer, ControlledAttnProcessor):
             probs = outer._edit(probs, site)
         if self.controller.needs(site):
-            before = probs.shape
-            probs = self.controller(probs, site)
-            if not isinstance(probs, torch.Tensor) or probs.shape != before:
+            given = probs
+            probs = self.controller(given, site)
+            if not isinstance(probs, torch.Tensor) or probs.shape != given.shape:
                 got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs)
                 raise AttnPatchError(
                     f"{type(self.controller).__name__} returned {got} at {site.name}; a controller "
-                    f"must return probabilities of the shape it received {tuple(before)}"
+                    f"must return probabilities of the shape it received {tuple(given.shape)}"
+                )
+            # an edit (not the tensor it was given) is checked once: NaN would spread silently
+            if probs is not given and not bool(torch.isfinite(probs.detach()).all()):
+                raise AttnPatchError(
+                    f"{type(self.controller).__name__} returned NaN or Inf probabilities at "
+                    f"{site.name}; check its edit (e.g. a division by a zero sum)"
                 )
         return probs
 

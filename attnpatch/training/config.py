@@ -154,6 +154,9 @@ class TrainLoopConfig:
     checkpoint_every: int = 50  #: iterations between checkpoints (0: only at the end)
     out_dir: str = "runs/tiny"
     progress: bool = True  #: tqdm progress bar
+    #: CPU threads for the run (0: torch's default, every core). Bit-identical runs need the
+    #: same count; 1 is also the fastest for the tiny models (docs/training.md)
+    threads: int = 1
 
 
 @dataclass
@@ -187,6 +190,7 @@ class TrainConfig:
         _require(t.lr > 0, "train.lr must be > 0", "")
         _require(t.optimizer in ("adam", "sgd"), "train.optimizer must be 'adam' or 'sgd'", "")
         _require(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0", "0 = end only")
+        _require(t.threads >= 0, "train.threads must be >= 0", "0 = torch's default")
         _require(d.batch_size >= 1, "data.batch_size must be >= 1", "")
         _require(d.image_size >= 8, "data.image_size must be >= 8", "")
         _require("{label}" in d.prompt_template, "data.prompt_template needs '{label}'", "")

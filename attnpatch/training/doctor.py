@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .._util import num_threads
 from ..errors import AttnPatchError
 from ..hooks import attention_modules, is_hijacked
 from ..images import CLASSIFIER_RANGE, DIFFUSION_RANGE
@@ -79,13 +80,7 @@ def diagnose(trainer: PatchTrainer, *, iterations: int | None = None) -> Report:
     """
     report = Report()
     K = trainer.config.train.accumulate
-    n = iterations if iterations is not None else K + 1
-    if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
-        raise AttnPatchError(
-            f"the doctor needs at least K + 1 = {K + 1} iterations (one optimizer step, then a "
-            f"loss seen after it), got {iterations!r}; pass --iterations {K + 1} or more, or "
-            "leave it out"
-        )
+    n = _iterations(iterations, K)
     saved = _snapshot(trainer)
     try:
         _static_checks(report, trainer)
@@ -96,6 +91,18 @@ def diagnose(trainer: PatchTrainer, *, iterations: int | None = None) -> Report:
     finally:
         _restore(trainer, saved)
     return report
+
+
+def _iterations(iterations: int | None, K: int) -> int:
+    """The doctor's iteration count: default and minimum ``K + 1``."""
+    n = iterations if iterations is not None else K + 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
+        raise AttnPatchError(
+            f"the doctor needs at least K + 1 = {K + 1} iterations (one optimizer step, then a "
+            f"loss seen after it), got {iterations!r}; pass --iterations {K + 1} or more, or "
+            "leave it out"
+        )
+    return n
 
 
 def _static_checks(report: Report, trainer: PatchTrainer) -> None:
@@ -401,5 +408,7 @@ def doctor(config: Any, *, iterations: int | None = None) -> Report:
     """Build the configured pipeline (no run folder is written) and :func:`diagnose` it."""
     from .run import build_trainer
 
-    trainer, _ = build_trainer(config, out_dir=None)
-    return diagnose(trainer, iterations=iterations)
+    _iterations(iterations, config.train.accumulate)  # before the models load
+    with num_threads(config.train.threads):
+        trainer, _ = build_trainer(config, out_dir=None)
+        return diagnose(trainer, iterations=iterations)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .._util import atomic_write
+from .._util import atomic_write, num_threads
 from ..data import ImageFolder, ShapesConfig, shapes_dataset
 from ..errors import AttnPatchError
 from ..models import load_classifier, load_diffusion
@@ -145,8 +145,14 @@ def run_training(
     """Train, evaluate and write the run folder (see the module docstring).
 
     An existing run in ``train.out_dir`` is continued with ``resume=True``, replaced with
-    ``overwrite=True``, and otherwise left alone (an error says so before any work).
+    ``overwrite=True``, and otherwise left alone (an error says so before any work). Runs on
+    ``train.threads`` CPU threads.
     """
+    with num_threads(cfg.train.threads):
+        return _run(cfg, resume, overwrite, log)
+
+
+def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any) -> RunResult:
     start = time.perf_counter()
     out = Path(cfg.train.out_dir)
     check_out_dir(out)
