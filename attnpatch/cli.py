@@ -93,6 +93,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, apply_flags(args))
     if args.quiet:
         cfg.train.progress = False
+    if int(os.environ.get("RANK", "0")) != 0:  # a data-parallel launch: process 0 reports
+        run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+        return 0
     print(
         f"attnpatch train: out_dir={cfg.train.out_dir} models={cfg.models.classifier}/"
         f"{cfg.models.diffusion} iterations={cfg.train.iterations} K={cfg.train.accumulate}"

@@ -174,6 +174,15 @@ class PatchParams:
     def batch_size(self) -> int:
         return int(self.boxes.shape[0])
 
+    def take(self, rows: slice) -> PatchParams:
+        """The draws of ``rows`` of the batch (e.g. one process's shard of a global batch)."""
+        eot = self.eot
+        picked = {
+            name: None if getattr(eot, name) is None else getattr(eot, name)[rows]
+            for name in ("matrix", "contrast", "brightness", "noise")
+        }
+        return PatchParams(self.boxes[rows], self.image_size, self.patch_size, type(eot)(**picked))
+
 
 def sample_boxes(
     batch_size: int,

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import AttnPatchError
 from ..patch import AdversarialPatch
+from .distributed import SINGLE, Dist
 
 __all__ = ["evaluate_patch", "EvalResult"]
 
@@ -60,6 +61,7 @@ def evaluate_patch(
     seed: int = 0,
     batch_size: int = 64,
     control: AdversarialPatch | None = None,
+    dist: Dist = SINGLE,
 ) -> EvalResult:
     """Success rate of ``patch`` and of a random-noise control on ``images`` with EOT on.
 
@@ -72,6 +74,9 @@ def evaluate_patch(
         seed: seeds a private generator (torch's global RNG is not touched); the control is
             drawn from it too, unless given.
         control: the control patch (default: ``patch.random_like(...)``).
+        dist: in a data-parallel run, each process classifies every ``world``-th batch (all
+            draw every batch's placements, so the draws do not depend on ``world``) and the
+            counts are summed: the rates equal the single-process ones.
     """
     if images.shape[0] == 0:
         raise AttnPatchError("no held-out images to evaluate on; point data.eval at images")
@@ -82,25 +87,30 @@ def evaluate_patch(
     g = torch.Generator().manual_seed(seed)
     if control is None:
         control = patch.random_like(generator=g)
-    clean_pred = torch.cat(
-        [
-            classifier(images[i : i + batch_size].to(device)).argmax(1).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
-    correct = clean_pred == labels
+    starts = range(0, len(images), batch_size)
+    mine = {i for k, i in enumerate(starts) if k % dist.world == dist.rank}
+    correct = torch.zeros(len(images), dtype=torch.bool)
+    for i in mine:
+        pred = classifier(images[i : i + batch_size].to(device)).argmax(1).cpu()
+        correct[i : i + batch_size] = pred == labels[i : i + batch_size]
+    correct = dist.sum(correct.long()).bool()  # each image is classified by one process
     eligible = correct if target is None else labels != target
     hits = torch.zeros(2, dtype=torch.long)
+    size = tuple(images.shape[-2:])
     for _ in range(eot_samples):
-        for i in range(0, len(images), batch_size):
+        for i in starts:
+            rows = min(batch_size, len(images) - i)
+            params = patch.sample_params(rows, size, eot=True, generator=g)  # every process
+            if i not in mine:
+                continue
             x = images[i : i + batch_size].to(device)
             y = labels[i : i + batch_size]
             keep = eligible[i : i + batch_size]
-            params = patch.sample_params(x.shape[0], tuple(x.shape[-2:]), eot=True, generator=g)
             for row, p in enumerate((patch, control)):
                 pred = classifier(p(x, params=params)[0]).argmax(1).cpu()
                 hit = pred != y if target is None else pred == target
                 hits[row] += int((hit & keep).sum())
+    hits = dist.sum(hits)
     n = int(eligible.sum()) * eot_samples
     return EvalResult(
         clean_accuracy=float(correct.float().mean()),

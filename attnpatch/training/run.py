@@ -32,6 +32,7 @@ from ..models import load_classifier, load_diffusion
 from ..patch import AdversarialPatch
 from . import viz
 from .config import TrainConfig, config_to_dict
+from .distributed import SINGLE, Dist, from_environment
 from .evaluate import EvalResult, evaluate_patch
 from .trainer import TERMS, PatchTrainer, attention_pipeline
 
@@ -113,10 +114,11 @@ def build_patch(cfg: TrainConfig, device: torch.device) -> AdversarialPatch:
 
 
 def build_trainer(
-    cfg: TrainConfig, out_dir: str | os.PathLike | None = None
+    cfg: TrainConfig, out_dir: str | os.PathLike | None = None, dist: Dist = SINGLE
 ) -> tuple[PatchTrainer, Any]:
-    """Models, data and patch from the config; returns ``(trainer, held-out data)``."""
-    device = resolve_device(cfg.models.device)
+    """Models, data and patch from the config; returns ``(trainer, held-out data)``. In a
+    data-parallel run (``dist``) every process builds the same frozen models on its device."""
+    device = dist.accelerator.device if dist.world > 1 else resolve_device(cfg.models.device)
     train, held = load_datasets(cfg)
     weights = cfg.models.classifier_weights or None
     if cfg.models.classifier == "tiny":
@@ -127,7 +129,13 @@ def build_trainer(
     parts = load_diffusion(cfg.models.diffusion, device=device)
     patch = build_patch(cfg, device)
     trainer = PatchTrainer(
-        cfg, classifier=classifier, parts=parts, patch=patch, train_data=train, out_dir=out_dir
+        cfg,
+        classifier=classifier,
+        parts=parts,
+        patch=patch,
+        train_data=train,
+        out_dir=out_dir,
+        dist=dist,
     )
     return trainer, held
 
@@ -146,13 +154,14 @@ def run_training(
 
     An existing run in ``train.out_dir`` is continued with ``resume=True``, replaced with
     ``overwrite=True``, and otherwise left alone (an error says so before any work). Runs on
-    ``train.threads`` CPU threads.
+    ``train.threads`` CPU threads. Launched by ``accelerate launch`` / ``torchrun`` with more
+    than one process, it trains data-parallel (docs/distributed.md); process 0 writes.
     """
     with num_threads(cfg.train.threads):
-        return _run(cfg, resume, overwrite, log)
+        return _run(cfg, resume, overwrite, log, from_environment(cfg.models.device))
 
 
-def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any) -> RunResult:
+def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist) -> RunResult:
     start = time.perf_counter()
     out = Path(cfg.train.out_dir)
     check_out_dir(out)
@@ -162,21 +171,29 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any) -> RunResult
             f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
             "again, or choose another train.out_dir"
         )
-    trainer, held = build_trainer(cfg, out)  # every check, before anything is deleted
+    trainer, held = build_trainer(cfg, out, dist)  # every check, before anything is deleted
+    main = dist.is_main
     if resume:
         trainer.load_checkpoint()
-        log(f"resumed {out} at iteration {trainer.iteration} (counter {trainer.counter})")
-    else:
+        if main:
+            log(f"resumed {out} at iteration {trainer.iteration} (counter {trainer.counter})")
+    elif main:
         if replace:
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    _write_json(out / "config.json", config_to_dict(cfg))
+    if main:
+        _write_json(out / "config.json", config_to_dict(cfg))
+    dist.barrier()
+    t_train = time.perf_counter()
     trainer.train()
+    t_train = time.perf_counter() - t_train
     trainer.save_checkpoint()
     patch = trainer.patch
-    patch.save(out / "patch.safetensors", extra={"config": json.dumps(config_to_dict(cfg))})
-    viz.save(patch.to_image().resize((patch.size[1] * 8, patch.size[0] * 8), 0), out / "patch.png")
+    if main:
+        patch.save(out / "patch.safetensors", extra={"config": json.dumps(config_to_dict(cfg))})
+        image = patch.to_image().resize((patch.size[1] * 8, patch.size[0] * 8), 0)
+        viz.save(image, out / "patch.png")
     images, labels = _held_tensors(held)
     target = trainer.target
     result = evaluate_patch(
@@ -187,7 +204,10 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any) -> RunResult
         target=target,
         eot_samples=cfg.eval.eot_samples,
         seed=cfg.train.seed,
+        dist=dist,
     )
+    if not main:
+        return RunResult(out, result, time.perf_counter() - start, trainer)
     write_figures(trainer, images, labels, out)
     seconds = time.perf_counter() - start
     summary = {
@@ -195,6 +215,10 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any) -> RunResult
         "iterations": trainer.iteration,
         "optimizer_steps": trainer.steps,
     }
+    if dist.world > 1:  # the data-parallel bookkeeping (docs/distributed.md)
+        summary["processes"] = dist.world
+        summary["gradient_reductions"] = dist.reductions
+    summary["train_seconds"] = round(t_train, 3)  # the loop alone, this session's iterations
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
     _write_json(out / "summary.json", summary)

@@ -24,7 +24,6 @@ config gives one run. Ctrl-C stops after the current iteration and checkpoints i
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,10 +55,12 @@ from ..losses import (
     total_variation,
 )
 from ..models import probe_classifier
-from ..patch import AdversarialPatch
+from ..patch import AdversarialPatch, PatchParams
 from .checkpoint import checkpoint_folder, read_checkpoint, truncate_metrics, write_checkpoint
 from .config import TrainConfig, config_to_dict
+from .distributed import SINGLE, Dist, agreed
 from .interrupt import CtrlC
+from .metrics_log import MetricsLog
 
 __all__ = ["PatchTrainer", "IterationOutputs", "TERMS", "attention_pipeline"]
 
@@ -118,6 +119,8 @@ class PatchTrainer:
         patch: the patch to train.
         train_data: a data set of ``((3, H, W) in [0, 1], label)``, with ``.classes``.
         out_dir: where checkpoints and metrics go (``None``: nowhere).
+        dist: this process of a data-parallel run (:mod:`attnpatch.training.distributed`);
+            ``data.batch_size`` is then per process, and only process 0 writes.
 
     The class prompts (``data.prompt_template`` per class) are encoded once, here.
     """
@@ -131,6 +134,7 @@ class PatchTrainer:
         patch: AdversarialPatch,
         train_data: Any,
         out_dir: str | os.PathLike | None = None,
+        dist: Dist = SINGLE,
     ):
         if not isinstance(parts, DiffusionParts):
             raise AttnPatchError(
@@ -140,6 +144,7 @@ class PatchTrainer:
         if len(train_data) == 0:
             raise AttnPatchError("the training data set is empty; point data.train at images")
         self.config = config
+        self.dist = dist
         self.classifier = freeze(classifier)
         for m in parts.modules():
             freeze(m)
@@ -185,11 +190,13 @@ class PatchTrainer:
         }
 
     # -- one forward pass ---------------------------------------------------------------------
-    def generator(self, iteration: int) -> torch.Generator:
-        """The CPU generator of iteration ``iteration``'s placement and EOT draws, seeded from
-        ``train.seed`` and the iteration alone (``derive_seed("attnpatch-patch", seed, i)``)."""
+    def draws(self, iteration: int, n: int, size: tuple[int, int]) -> PatchParams:
+        """Iteration ``iteration``'s placement and EOT draws for ``n`` images of ``size``, from
+        a CPU generator seeded by ``train.seed`` and the iteration alone
+        (``derive_seed("attnpatch-patch", seed, i)``): the same in every run and process."""
         seed = derive_seed("attnpatch-patch", self.config.train.seed, iteration)
-        return torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        return self.patch.sample_params(n, size, eot=self.config.patch.eot, generator=g)
 
     def forward(
         self,
@@ -197,17 +204,17 @@ class PatchTrainer:
         labels: torch.Tensor,
         indices: Sequence[int] = (),
         *,
-        generator: torch.Generator | None = None,
+        params: PatchParams | None = None,
     ) -> IterationOutputs:
         """Patch, classify, run the attention pipeline, build every loss term.
 
-        ``generator``: the placement/EOT draws (default: :meth:`generator` of the current
-        iteration, ``self.iteration``)."""
+        ``params``: the placement/EOT draws (default: :meth:`draws` of ``self.iteration``)."""
         terms = LossTerms(self.weights)
-        g = generator if generator is not None else self.generator(self.iteration)
+        if params is None:
+            params = self.draws(self.iteration, images.shape[0], tuple(images.shape[-2:]))
         # The patch checks the batch (layout, [0, 1]); its output is in [0, 1] by construction,
         # and to_diffusion_input / vae_encode check the diffusion side.
-        patched, mask = self.patch(images, eot=self.config.patch.eot, generator=g)
+        patched, mask = self.patch(images, params=params)
         logits = self.classifier(patched)
         clf_labels = self.logit_index.to(labels.device)[labels]
         targets = clf_labels if self.target is None else torch.full_like(labels, self.target)
@@ -265,9 +272,11 @@ class PatchTrainer:
     # -- the loop -----------------------------------------------------------------------------
     def train(self, *, progress: bool | None = None) -> AdversarialPatch:
         """Run until ``config.train.iterations``; resumes from ``self.iteration``."""
-        cfg, K = self.config.train, self.config.train.accumulate
-        batch_size = self.config.data.batch_size
-        bar = _progress(self, progress if progress is not None else cfg.progress)
+        cfg, K, dist = self.config.train, self.config.train.accumulate, self.dist
+        batch_size = self.config.data.batch_size * dist.world  # the global batch
+        multi = dist.world > 1  # then every global batch is whole, so shards are equal
+        show = (progress if progress is not None else cfg.progress) and dist.is_main
+        log = MetricsLog(self.out_dir, dist, cfg.iterations, self.iteration, show)
         try:
             with CtrlC() as ctrl_c:
                 for it, images, labels in batches(
@@ -276,30 +285,43 @@ class PatchTrainer:
                     seed=cfg.seed,
                     start=self.iteration,
                     stop=cfg.iterations,
+                    drop_last=multi,
                     device=self.patch.pixels.device,
                 ):
-                    indices = batch_indices(len(self.data), batch_size, it, seed=cfg.seed)
-                    out = self.forward(images, labels, indices, generator=self.generator(it))
+                    indices = batch_indices(
+                        len(self.data), batch_size, it, seed=cfg.seed, drop_last=multi
+                    )
+                    # draws for the whole global batch, from (seed, it): the same whatever N
+                    params = self.draws(it, len(indices), tuple(images.shape[-2:]))
+                    rows = dist.shard(len(indices))
+                    out = self.forward(
+                        images[rows], labels[rows], indices[rows], params=params.take(rows)
+                    )
                     self._emit("forward", out)
                     out.terms.total().backward()  # every iteration
                     self._emit("backward", out)
                     self.counter += 1
                     stepped = self.counter == K
                     if stepped:  # only when the counter reaches K
+                        dist.mean_(self.patch.pixels.grad)  # the one reduction per step
                         self.optimizer.step()
                         self.optimizer.zero_grad()  # only right after a step
                         self.patch.clamp_()  # keep the patch in [0, 1]
                         self.counter = 0
                         self.steps += 1
                     self.iteration = it + 1
-                    self._log(out, stepped, bar)
-                    if cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                    log.add(self._record(out, stepped))
+                    self._emit("iteration", out, stepped)
+                    due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+                    if not multi or stepped or due or self.iteration == cfg.iterations:
+                        log.flush()
+                    if due:
                         self.save_checkpoint()
-                    if ctrl_c.pressed:
+                    if ctrl_c.pressed if not multi else (stepped and agreed(ctrl_c, dist)):
+                        log.flush()
                         self._interrupted()
         finally:
-            if bar is not None:
-                bar.close()
+            log.close()
         return self.patch
 
     def _interrupted(self) -> None:
@@ -314,7 +336,8 @@ class PatchTrainer:
             hook(self, *args)
 
     # -- logging ------------------------------------------------------------------------------
-    def _log(self, out: IterationOutputs, stepped: bool, bar: Any) -> None:
+    def _record(self, out: IterationOutputs, stepped: bool) -> dict[str, Any]:
+        """One metrics line: every loss term separately, the total, the batch's success."""
         record = {"iteration": self.iteration - 1, "step": stepped, "counter": self.counter}
         record.update(out.terms.as_dict())
         with torch.no_grad():
@@ -323,14 +346,7 @@ class PatchTrainer:
             if self.target is None:
                 hit = ~hit
             record["success"] = float(hit.float().mean())
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(_short(record))
-        self._emit("iteration", out, stepped)
+        return record
 
     # -- state and checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -338,18 +354,31 @@ class PatchTrainer:
         of the optimizer state and the accumulated gradient. (No RNG state: every draw is a
         function of ``train.seed`` and the iteration.)"""
         grad = self.patch.pixels.grad
+        grad = None if grad is None else grad.detach().clone()
+        # mid-accumulation, each process holds its own unreduced gradient: keep them all
+        grads = None if grad is None else [g.cpu() for g in self.dist.gather(grad)]
         return {
             "iteration": self.iteration,
             "counter": self.counter,
             "steps": self.steps,
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "grad": None if grad is None else grad.detach().cpu().clone(),
+            "grad": None if grads is None else grads[0],
+            "world": self.dist.world,
+            "grads": grads,  # one per process, in rank order
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.optimizer.load_state_dict(state["optimizer"])
-        grad = state["grad"]
+        world = state.get("world", 1)
+        if world != self.dist.world and state["counter"] != 0:
+            raise AttnPatchError(
+                f"this checkpoint was written by {world} process(es) in the middle of an "
+                f"accumulation (counter {state['counter']} of K); resume it with {world} "
+                "process(es), or from a checkpoint at an optimizer step (counter 0)"
+            )
+        grads = state.get("grads")
+        grad = grads[self.dist.rank] if grads and world == self.dist.world else state["grad"]
         self.patch.pixels.grad = None if grad is None else grad.to(self.patch.pixels.device)
         self.iteration, self.counter, self.steps = (
             state["iteration"],
@@ -361,8 +390,13 @@ class PatchTrainer:
         """Write ``checkpoints/it-NNNNNN/`` atomically and point ``checkpoints/latest`` at it."""
         if self.out_dir is None:
             raise AttnPatchError("this trainer has no out_dir; pass out_dir= to checkpoint")
-        config = config_to_dict(self.config)
-        return write_checkpoint(self.out_dir / "checkpoints", self.patch, self.state_dict(), config)
+        config, state = config_to_dict(self.config), self.state_dict()  # every process
+        root = self.out_dir / "checkpoints"
+        folder = root / f"it-{state['iteration']:06d}"
+        if self.dist.is_main:  # process 0 alone writes
+            folder = write_checkpoint(root, self.patch, state, config)
+        self.dist.barrier()
+        return folder
 
     def load_checkpoint(self, path: str | os.PathLike | None = None) -> None:
         """Resume from a checkpoint folder (default: ``out_dir/checkpoints/latest``)."""
@@ -380,7 +414,7 @@ class PatchTrainer:
         with torch.no_grad():
             self.patch.pixels.copy_(loaded.pixels)
         self.load_state_dict(state)
-        if self.out_dir is not None:
+        if self.out_dir is not None and self.dist.is_main:
             truncate_metrics(self.out_dir / "metrics.jsonl", self.iteration)
 
     # -- checks -------------------------------------------------------------------------------
@@ -412,21 +446,3 @@ def _optimizer(config: TrainConfig, patch: AdversarialPatch) -> torch.optim.Opti
     if config.train.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.train.lr)
     return torch.optim.SGD(params, lr=config.train.lr)
-
-
-def _progress(trainer: PatchTrainer, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    cfg = trainer.config.train
-    return tqdm(
-        total=cfg.iterations, initial=trainer.iteration, desc="patch", unit="it", leave=True
-    )
-
-
-def _short(record: dict[str, Any]) -> str:
-    """The losses, each separately, for the progress bar."""
-    names = {"classifier": "cls", "cross_attention": "xattn", "self_attention": "sattn", "l2": "l2"}
-    parts = [f"{short}={record[n]:.3g}" for n, short in names.items() if record.get(n) is not None]
-    return " ".join(parts + [f"success={record['success']:.2f}"])

@@ -1,0 +1,66 @@
+"""``metrics.jsonl`` and the progress bar: one line per iteration, every loss term separately.
+
+In a data-parallel run the lines wait until the next optimizer step (or checkpoint, or the end)
+and are then written by process 0 as global means, with one collective for all of them, so the
+K - 1 iterations between steps communicate nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .distributed import Dist, global_means
+
+__all__ = ["MetricsLog"]
+
+_SHORT = {"classifier": "cls", "cross_attention": "xattn", "self_attention": "sattn", "l2": "l2"}
+
+
+class MetricsLog:
+    """Pending metric records of ``dist``'s process; :meth:`flush` writes them.
+
+    Args:
+        out_dir: the run folder (``None``: write no file).
+        dist: the process; only process 0 writes and shows the bar.
+        total, initial: the bar's range (iterations) and where it starts.
+        progress: show a tqdm bar.
+    """
+
+    def __init__(self, out_dir: Path | None, dist: Dist, total: int, initial: int, progress: bool):
+        self.out_dir, self.dist = out_dir, dist
+        self.pending: list[dict[str, Any]] = []
+        self.bar = None
+        if progress and dist.is_main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="patch", unit="it", leave=True)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.pending.append(record)
+
+    def flush(self) -> None:
+        """Write the pending records: the global means over processes (one sum for all)."""
+        records, self.pending = self.pending, []
+        if not records:
+            return
+        if self.dist.world > 1:
+            records = global_means(records, self.dist)
+        if self.out_dir is not None and self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        if self.bar is not None:
+            self.bar.update(len(records))
+            self.bar.set_postfix_str(short(records[-1]))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def short(record: dict[str, Any]) -> str:
+    """The losses, each separately, for the progress bar."""
+    parts = [f"{s}={record[n]:.3g}" for n, s in _SHORT.items() if record.get(n) is not None]
+    return " ".join(parts + [f"success={record['success']:.2f}"])
