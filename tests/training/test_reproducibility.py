@@ -58,11 +58,11 @@ def finish(proc: subprocess.Popen, code: int = 0) -> str:
 
 
 def outcome(run: Path) -> tuple[torch.Tensor, list[dict], dict]:
-    """(patch pixels, metric records, summary without its wall-clock seconds)."""
+    """(patch pixels, metric records, summary without its wall-clock times)."""
     pixels = AdversarialPatch.load(run / "patch.safetensors").pixels.detach()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
-    summary.pop("seconds")
+    summary.pop("seconds"), summary.pop("train_seconds")  # wall clock
     return pixels, records, summary
 
 
