@@ -5,11 +5,13 @@ attention pipeline that wires them under a hijack.
 * :func:`ddim_invert` / :func:`ddim_denoise` — the differentiable DDIM loops.
 * :func:`encode_prompt`, :func:`token_indices`, :func:`sdxl_added_cond_kwargs` — text side.
 * :func:`vae_encode` / :func:`vae_decode` — images in [-1, 1] <-> scaled latents.
-* :class:`AttentionPipeline` — image -> VAE -> invert -> denoise under hijack -> maps.
+* :class:`AttentionPipeline` — image -> VAE -> invert -> denoise under hijack -> maps;
+  ``memory=`` one of :data:`MEMORY_MODES`; :func:`part_dtypes` — the half-precision policy.
 """
 
+from ._memory import MEMORY_MODES
 from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
-from .parts import DiffusionParts
+from .parts import DiffusionParts, part_dtypes
 from .pipeline import AttentionPipeline, AttentionResult
 from .prompts import (
     PROMPT_TEMPLATE,
@@ -23,6 +25,7 @@ from .vae import vae_decode, vae_encode, vae_scale_factor
 
 __all__ = [
     "DiffusionParts",
+    "part_dtypes",
     "ddim_invert",
     "ddim_denoise",
     "ddim_timesteps",
@@ -37,4 +40,5 @@ __all__ = [
     "vae_scale_factor",
     "AttentionPipeline",
     "AttentionResult",
+    "MEMORY_MODES",
 ]

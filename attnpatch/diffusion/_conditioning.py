@@ -24,6 +24,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from torch import nn
 
 from ..errors import AttnPatchError
+from ..hooks import ControlledAttnProcessor
 
 __all__ = ["Conditioning", "ddim_schedule", "prepare"]
 
@@ -154,6 +155,9 @@ class Conditioning:
     added: dict[str, Any] | None
     guidance_scale: float
     both: bool
+    #: the UNet's parameter dtype: inputs are cast to it at the call, outputs back to the
+    #: latents' dtype (a half-precision UNet inside an fp32 loop); ``None``: no cast
+    dtype: torch.dtype | None = None
 
 
 def _shape(x: Any) -> Any:
@@ -178,17 +182,8 @@ def _check_latents(fn: str, unet: nn.Module, latents: Any) -> int:
             f"{fn}: latents have {latents.shape[1]} channels but the UNet takes {channels}; "
             f"pass (B, {channels}, h, w) latents from vae_encode, not images"
         )
-    unet_dtype = getattr(unet, "dtype", None)
-    if (
-        isinstance(unet_dtype, torch.dtype)
-        and latents.dtype != unet_dtype
-        and not torch.is_autocast_enabled(latents.device.type)
-    ):
-        raise AttnPatchError(
-            f"{fn}: latents are {latents.dtype} but the UNet's weights are {unet_dtype}; pass "
-            f"latents.to({unet_dtype}) (and embeddings of the same dtype), or run under "
-            "torch.autocast"
-        )
+    # a UNet of another dtype is fine: each call casts its inputs to the UNet's dtype and its
+    # output back to the latents' (Conditioning.dtype), so a half UNet runs in an fp32 loop
     if not bool(torch.isfinite(latents.detach()).all()):
         raise AttnPatchError(
             f"{fn}: latents contain NaN or Inf; check the images given to vae_encode (and, in "
@@ -355,4 +350,25 @@ def prepare(
     halves = _halves(g)
     states = _encoder_states(fn, unet, latents, cond, uncond, halves, g)
     added = _added_kwargs(fn, unet, added_cond_kwargs, b, halves)
-    return Conditioning(states, added, g, both=len(halves) == 2)
+    dtype = unet_dtype(unet)
+    if dtype is not None and dtype != latents.dtype:
+        states = _cast(states, dtype)
+        if added is not None:
+            added = {k: _cast(v, dtype) for k, v in added.items()}
+    else:
+        dtype = None
+    return Conditioning(states, added, g, both=len(halves) == 2, dtype=dtype)
+
+
+def unet_dtype(unet: nn.Module) -> torch.dtype | None:
+    """The dtype of ``unet``'s first floating parameter (``None`` if it has none)."""
+    for p in unet.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return ControlledAttnProcessor.half_cast(value, dtype)
+    return value

@@ -33,10 +33,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks import ControlledAttnProcessor
 from ..hooks import checkpoint as replay_checkpoint
 from ._conditioning import Conditioning, ddim_schedule, prepare
 
 __all__ = ["ddim_invert", "ddim_denoise", "ddim_timesteps"]
+
+half_cast = ControlledAttnProcessor.half_cast
 
 
 def ddim_denoise(
@@ -51,6 +54,7 @@ def ddim_denoise(
     guidance_scale: float = 1.0,
     added_cond_kwargs: Mapping[str, Any] | None = None,
     checkpoint: bool = False,
+    split_guidance: bool = False,
 ) -> torch.Tensor:
     """Run the last ``num_steps`` DDIM steps, differentiably.
 
@@ -82,7 +86,13 @@ def ddim_denoise(
         checkpoint: recompute each UNet call during backward (:func:`attnpatch.hooks.checkpoint`:
             non-reentrant, replaying any hijack), so activation memory does not grow with
             ``num_steps``; same values and gradients, about one extra UNet forward per step in
-            backward. Ignored when grad is disabled.
+            backward. Ignored when grad is disabled. Blocks of a UNet whose diffusers
+            checkpointing is on (``unet.enable_gradient_checkpointing()``) are then recomputed
+            block by block inside each recomputed call (``memory="low"`` of the pipeline).
+        split_guidance: with both guidance halves, run the uncond and the cond half as two
+            UNet calls of batch ``B`` (each checkpointed on its own) instead of one of ``2B``:
+            same values, a lower peak in backward. Under a ``hijack`` each half is then its own
+            UNet call (``cur_step`` advances twice per step, uncond first).
 
     Returns:
         ``(B, 4, h, w)`` denoised latents (decode with ``vae_decode``).
@@ -102,7 +112,7 @@ def ddim_denoise(
     recompute = checkpoint and torch.is_grad_enabled()
     x = latents
     for t, t_unet in steps:  # t: int for step(); t_unet: the same, a tensor on x's device
-        out = _unet_call(unet, x, t_unet, c, recompute)
+        out = _unet_call(unet, x, t_unet, c, recompute, split_guidance)
         x = sched.step(out, t, x, return_dict=False)[0]  # x at the next, lower level
     return x
 
@@ -119,6 +129,7 @@ def ddim_invert(
     guidance_scale: float = 1.0,
     added_cond_kwargs: Mapping[str, Any] | None = None,
     checkpoint: bool = False,
+    split_guidance: bool = False,
 ) -> torch.Tensor:
     """Push clean latents up ``num_steps`` DDIM steps, differentiably: the mirror of
     :func:`ddim_denoise`, with the same arguments.
@@ -148,28 +159,66 @@ def ddim_invert(
     recompute = checkpoint and torch.is_grad_enabled()
     x = latents
     for t, t_unet in steps:  # ascending: t_{N-1}, ..., t_{N-k}
-        out = _unet_call(unet, x, t_unet, c, recompute)
+        out = _unet_call(unet, x, t_unet, c, recompute, split_guidance)
         x = sched.step(out, t, x, return_dict=False)[0]  # x up at level t
     return x
 
 
 def _unet_call(
-    unet: nn.Module, x: torch.Tensor, t: torch.Tensor, c: Conditioning, recompute: bool
+    unet: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    c: Conditioning,
+    recompute: bool,
+    split: bool = False,
 ) -> torch.Tensor:
-    """One UNet call at level ``t``, guidance applied to the raw output: ``(B, C, h, w)``.
+    """One guided step's UNet output at level ``t``, guidance applied: ``(B, C, h, w)``.
 
-    ``recompute``: run it under :func:`attnpatch.hooks.checkpoint` (recomputed in backward).
+    ``recompute``: run each UNet call under :func:`attnpatch.hooks.checkpoint` (recomputed in
+    backward). ``split`` (with both guidance halves): the uncond then the cond half as two
+    UNet calls of batch ``B``, each checkpointed on its own, instead of one call of ``2B``.
     """
-    if recompute:
-        return replay_checkpoint(_unet_call, unet, x, t, c, False, module=unet)
-    x_in = torch.cat([x, x]) if c.both else x  # [uncond; cond], diffusers' order
-    out = unet(
-        x_in, t, encoder_hidden_states=c.states, added_cond_kwargs=c.added, return_dict=False
-    )
-    if not c.both:
-        return out[0]
-    out_u, out_c = out[0].chunk(2)
+    if c.both and split:
+        states = c.states.chunk(2)
+        added = [None, None] if c.added is None else _halves_of(c.added)
+        out_u, out_c = (
+            _forward(unet, x, t, states[i], added[i], c.dtype, recompute) for i in (0, 1)
+        )
+    else:
+        x_in = torch.cat([x, x]) if c.both else x  # [uncond; cond], diffusers' order
+        out = _forward(unet, x_in, t, c.states, c.added, c.dtype, recompute)
+        if not c.both:
+            return out
+        out_u, out_c = out.chunk(2)
     return out_u + c.guidance_scale * (out_c - out_u)
+
+
+def _forward(
+    unet: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    states: torch.Tensor,
+    added: dict[str, Any] | None,
+    dtype: torch.dtype | None,
+    recompute: bool,
+) -> torch.Tensor:
+    """``unet(x, t, states)``: inputs cast to ``dtype`` (the UNet's), the output to ``x``'s."""
+    if recompute:
+        return replay_checkpoint(_forward, unet, x, t, states, added, dtype, False, module=unet)
+    x_in = x if dtype is None else half_cast(x, dtype)
+    out = unet(x_in, t, encoder_hidden_states=states, added_cond_kwargs=added, return_dict=False)
+    return half_cast(out[0], x.dtype)
+
+
+def _halves_of(added: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[uncond; cond]`` rows of the added conditioning, as one dict per half."""
+    halves: list[dict[str, Any]] = [{}, {}]
+    for key, value in added.items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            halves[0][key], halves[1][key] = value.chunk(2)
+        else:
+            halves[0][key] = halves[1][key] = value
+    return halves
 
 
 def ddim_timesteps(

@@ -10,7 +10,37 @@ from torch import nn
 
 from ..errors import AttnPatchError
 
-__all__ = ["DiffusionParts"]
+__all__ = ["DiffusionParts", "part_dtypes"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def part_dtypes(torch_dtype: torch.dtype | str | None) -> dict[str, torch.dtype]:
+    """Which dtype each network gets for a requested ``torch_dtype``.
+
+    The UNet and the text encoder(s) take ``torch_dtype``; the VAE takes it too except under
+    float16, where it stays float32: the SD VAE overflows in float16 (its decoder's and the
+    encoder's mid-block activations exceed 65504; diffusers' ``force_upcast``), while bfloat16
+    has float32's range. ``None`` is float32.
+
+    >>> part_dtypes("float16")["vae"], part_dtypes(torch.bfloat16)["unet"]
+    (torch.float32, torch.bfloat16)
+    """
+    if torch_dtype is None:
+        torch_dtype = torch.float32
+    if isinstance(torch_dtype, str):
+        if torch_dtype not in _DTYPES:
+            raise AttnPatchError(
+                f"torch_dtype must be one of {sorted(_DTYPES)}, got {torch_dtype!r}"
+            )
+        torch_dtype = _DTYPES[torch_dtype]
+    if torch_dtype not in _DTYPES.values():
+        raise AttnPatchError(
+            f"torch_dtype must be torch.float32, torch.float16 or torch.bfloat16, got "
+            f"{torch_dtype!r}"
+        )
+    vae = torch.float32 if torch_dtype == torch.float16 else torch_dtype
+    return {"unet": torch_dtype, "text_encoder": torch_dtype, "vae": vae}
 
 
 @dataclass

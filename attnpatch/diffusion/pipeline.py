@@ -13,14 +13,17 @@ choices (steps, guidance, resolutions). Gradients flow from the stored maps back
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .._util import as_pair
 from ..errors import AttnPatchError
 from ..hooks import (
+    AttentionControl,
     AttentionStore,
     ComposeControl,
     Resolution,
@@ -30,6 +33,7 @@ from ..hooks import (
     trace_attention,
 )
 from ..images import resize, to_diffusion_input
+from ._memory import CondHalf, block_checkpointing, resolve_memory
 from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
 from .parts import DiffusionParts
 from .prompts import PromptEmbeds, encode_prompt, sdxl_added_cond_kwargs
@@ -50,7 +54,8 @@ class AttentionResult:
         cross: the store of cross-attention maps (every resolution).
         self_store: the store of self-attention maps (``self_resolutions`` only).
         batch: ``B``; with classifier-free guidance the stores hold ``[uncond; cond]`` rows and
-            the getters below return the conditional half.
+            the getters below return the conditional half (with ``memory="low"``, which runs
+            the halves as two calls, the stores hold the ``B`` conditional rows only).
     """
 
     diffusion_input: torch.Tensor
@@ -84,7 +89,17 @@ class AttentionPipeline:
             which both down and up blocks attend (16x16 for SD1.5 at 512 px, like
             prompt-to-prompt; 7x7 for SD2 at 224 px, like DiffAttack).
         self_resolutions: sizes whose self-attention is stored; ``None``: the two smallest.
-        checkpoint: recompute each UNet call during backward (memory flat in ``num_steps``).
+        memory: ``"fast"`` (nothing recomputed), ``"balanced"`` (each UNet call recomputed in
+            backward: memory flat in ``num_steps``) or ``"low"`` (also block by block inside
+            each call, the VAE encoder checkpointed, the guidance halves as separate calls);
+            values and gradients are the same in all three. ``None``: ``"balanced"`` on the
+            CPU, ``"low"`` on an accelerator (read from the UNet's device). Costs in
+            docs/performance.md.
+        checkpoint: the older switch: ``True`` is ``memory="balanced"``, ``False`` ``"fast"``.
+
+    Precision: the pipeline takes fp32 images (the patch and its optimizer stay fp32); each
+    network gets its inputs in its own dtype (``load_diffusion(..., torch_dtype=...)``) and the
+    DDIM loop, the latents and the attention maps the stores record stay fp32.
     """
 
     def __init__(
@@ -97,7 +112,8 @@ class AttentionPipeline:
         image_size: int | tuple[int, int] = 64,
         cross_resolution: int | Resolution | None = None,
         self_resolutions: Sequence[int | Resolution] | None = None,
-        checkpoint: bool = False,
+        memory: str | None = None,
+        checkpoint: bool | None = None,
     ):
         if not isinstance(parts, DiffusionParts):
             raise AttnPatchError(
@@ -113,7 +129,7 @@ class AttentionPipeline:
         self.num_inference_steps = num_inference_steps
         self.num_steps = num_steps
         self.guidance_scale = float(guidance_scale)
-        self.checkpoint = checkpoint
+        self.memory = resolve_memory(memory, checkpoint, _device_of(parts.unet))
         self.factor = parts.vae_scale_factor
         h, w = as_pair(image_size, "image_size")
         self.image_size = (-(-h // self.factor) * self.factor, -(-w // self.factor) * self.factor)
@@ -168,26 +184,59 @@ class AttentionPipeline:
                 f"got {n} prompts for {images.shape[0]} images; pass one prompt per image"
             )
         p = self.parts
+        low = self.memory == "low"
         x = to_diffusion_input(images, self.image_size, multiple=self.factor)
-        z0 = vae_encode(p.vae, x)  # checks x: (B, 3, h, w) in [-1, 1]
+        vae_dtype = _dtype_of(p.vae)
+        # checks x: (B, 3, h, w) in [-1, 1]; the loop runs in the images' dtype (fp32)
+        x_vae = x.to(vae_dtype or x.dtype)
+        z0 = vae_encode(p.vae, x_vae, checkpoint=True) if low else vae_encode(p.vae, x_vae)
+        z0 = z0.to(x.dtype)
         embeds = prompts if isinstance(prompts, PromptEmbeds) else self.encode_prompts(prompts)
+        # the loop's dtype (a half text encoder gives half embeddings; the UNet call casts)
+        embeds = PromptEmbeds(*(None if e is None else e.to(x.dtype) for e in embeds))
         added = self._added_cond(embeds)
         common = dict(
             num_inference_steps=self.num_inference_steps,
             num_steps=self.num_steps,
-            checkpoint=self.checkpoint,
+            checkpoint=self.memory != "fast",
         )
-        zT = ddim_invert(p.unet, p.scheduler, z0, embeds.cond, added_cond_kwargs=added, **common)
+        guided = self.guidance_scale not in (0.0, 1.0)
         cross, selfs = self.new_stores(per_step)
-        with hijack(p.unet, ComposeControl(cross, selfs)):
-            denoised = ddim_denoise(
-                p.unet,
-                p.scheduler,
-                zT,
-                embeds.cond,
-                uncond=embeds.uncond if self.guidance_scale != 1.0 else None,
-                guidance_scale=self.guidance_scale,
-                added_cond_kwargs=added,
-                **common,
+        control: AttentionControl = ComposeControl(cross, selfs)
+        if low and guided:
+            control = CondHalf(control)  # the halves run as two calls: record the cond one
+        with block_checkpointing(p.unet) if low else contextlib.nullcontext():
+            zT = ddim_invert(
+                p.unet, p.scheduler, z0, embeds.cond, added_cond_kwargs=added, **common
             )
+            with hijack(p.unet, control):
+                denoised = ddim_denoise(
+                    p.unet,
+                    p.scheduler,
+                    zT,
+                    embeds.cond,
+                    uncond=embeds.uncond if self.guidance_scale != 1.0 else None,
+                    guidance_scale=self.guidance_scale,
+                    added_cond_kwargs=added,
+                    split_guidance=low,
+                    **common,
+                )
         return AttentionResult(x, z0, zT, denoised, cross, selfs, images.shape[0])
+
+    @property
+    def checkpoint(self) -> bool:
+        """Whether UNet calls are recomputed in backward (``memory != "fast"``)."""
+        return self.memory != "fast"
+
+
+def _dtype_of(module: Any) -> torch.dtype | None:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def _device_of(module: Any) -> torch.device | None:
+    for param in module.parameters():
+        return param.device
+    return None

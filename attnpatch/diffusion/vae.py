@@ -14,10 +14,13 @@ loaders).
 
 from __future__ import annotations
 
+import functools
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..errors import AttnPatchError
 from ..images import DIFFUSION_RANGE, check_image
@@ -68,6 +71,7 @@ def vae_encode(
     *,
     sample: bool = False,
     generator: torch.Generator | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """Encode diffusion-side images into scaled UNet latents, differentiably.
 
@@ -80,6 +84,10 @@ def vae_encode(
             prompt-to-prompt and null-text inversion do; ``True`` draws
             ``mean + std * noise`` (reparameterised: still differentiable).
         generator: the ``torch.Generator`` for ``sample=True``.
+        checkpoint: recompute the encoder during backward, one resnet at a time inside one
+            recomputed encode (nested non-reentrant checkpoints): only the input is kept until
+            backward, and one resnet's activations are alive while it runs. Same values and
+            gradients, about two extra encoder forwards. Ignored when grad is disabled.
 
     Returns:
         ``(B, latent_channels, H / f, W / f)`` latents ``(z - shift) * scaling_factor`` (see the
@@ -111,10 +119,37 @@ def vae_encode(
             "a generator was passed but sample=False takes the posterior mean (no noise); "
             "pass sample=True to draw a sample, or drop the generator"
         )
-    posterior = vae.encode(images).latent_dist
+    if checkpoint and torch.is_grad_enabled():
+        posterior = torch_checkpoint(_encode_by_resnet, vae, images, use_reentrant=False)
+    else:
+        posterior = vae.encode(images).latent_dist
     z = posterior.sample(generator) if sample else posterior.mean
     offset, scale = _latent_affine(vae, z)
     return (z - offset) * scale
+
+
+def _encode_by_resnet(vae: nn.Module, images: torch.Tensor) -> Any:
+    """``vae.encode(images).latent_dist`` with each resnet / downsampler checkpointed."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D
+
+    wrapped = [
+        m
+        for m in vae.encoder.modules()
+        if isinstance(m, (ResnetBlock2D, Downsample2D)) and "forward" not in m.__dict__
+    ]
+    try:
+        for m in wrapped:
+            m.forward = functools.partial(_checkpointed, type(m).forward.__get__(m))
+        return vae.encode(images).latent_dist
+    finally:
+        for m in wrapped:
+            m.__dict__.pop("forward", None)
+
+
+def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch_checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def vae_decode(vae: nn.Module, latents: torch.Tensor, *, clamp: bool = False) -> torch.Tensor:

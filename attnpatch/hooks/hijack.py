@@ -16,9 +16,12 @@ step. attnpatch's recomputes go through torch's public ``context_fn`` hook inste
 :func:`checkpoint` serves ``ddim_invert`` / ``ddim_denoise(..., checkpoint=True)``. diffusers'
 own block checkpointing (``unet.enable_gradient_checkpointing()`` before entering the hijack)
 is routed through the same replay while the block is active, by swapping the blocks' private
-``_gradient_checkpointing_func`` and swapping it back on exit. A recompute that bypasses the
-replay (a ``torch.utils.checkpoint`` around a UNet call that attnpatch does not manage) is
-refused with an error, detected through torch's private ``torch._C._current_graph_task_id()``.
+``_gradient_checkpointing_func`` and swapping it back on exit. Block checkpoints may nest inside
+a :func:`checkpoint` (``memory="low"``): the replay of the outer call also re-installs the
+blocks' checkpointing as the forward had it, so the inner recomputes replay too. A recompute
+that bypasses the replay (a ``torch.utils.checkpoint`` around a UNet call that attnpatch does
+not manage) is refused with an error, detected through torch's private
+``torch._C._current_graph_task_id()``.
 Those two private attributes are used here only, and tests pin both.
 """
 
@@ -178,7 +181,12 @@ def _before_call(state: HijackState, unswapped: list[nn.Module]):
                 "ddim_denoise(..., checkpoint=True), unet.enable_gradient_checkpointing() before "
                 "entering hijack, or attnpatch.hooks.checkpoint(fn, ..., module=unet)"
             )
-        if torch.is_grad_enabled() and any(b.gradient_checkpointing for b in unswapped):
+        replaying = getattr(_replays, "depth", 0) > 0  # the replay sets the forward's blocks
+        if (
+            torch.is_grad_enabled()
+            and not replaying
+            and any(b.gradient_checkpointing for b in unswapped)
+        ):
             raise AttnPatchError(
                 "unet.enable_gradient_checkpointing() was called inside `with hijack(...)`, so "
                 "its recomputes would bypass the controller's replay; call it before entering "
@@ -210,7 +218,16 @@ class _Replay:
     """Re-installs forward-time processors and replays hijack states around a recompute."""
 
     def __init__(self, module: nn.Module):
-        self.processors = [(m, m.processor) for _, m in attention_modules(module)]
+        self.processors: list[tuple[nn.Module, Any]] = []
+        # diffusers blocks checkpointed inside ``module`` (memory="low" nests them in a
+        # checkpointed UNet call): the recompute must route them through the replay as the
+        # forward did, even after the hijack (which swapped their function) has exited.
+        self.blocks: list[tuple[nn.Module, Any]] = []
+        for sub in module.modules():
+            if hasattr(sub, "set_processor") and hasattr(sub, "processor"):
+                self.processors.append((sub, sub.processor))
+            if getattr(sub, "gradient_checkpointing", False) is True:
+                self.blocks.append((sub, sub._gradient_checkpointing_func))
         states: dict[int, HijackState] = {}
         for _, proc in self.processors:
             for p in _chain(proc):
@@ -226,6 +243,13 @@ class _Replay:
                 if current is not proc:
                     module.set_processor(proc)
                     stack.callback(module.set_processor, current)
+            for block, func in self.blocks:
+                stack.callback(setattr, block, "_gradient_checkpointing_func", _block_func(block))
+                stack.callback(
+                    setattr, block, "gradient_checkpointing", block.gradient_checkpointing
+                )
+                block._gradient_checkpointing_func = func
+                block.gradient_checkpointing = True
             for state, step, latent_hw in self.states:
                 stack.callback(setattr, state, "latent_hw", state.latent_hw)
                 state.latent_hw = latent_hw
@@ -257,6 +281,10 @@ def checkpoint(fn: Callable[..., Any], *args: Any, module: nn.Module, **kwargs: 
         return contextlib.nullcontext(), _Replay(module)
 
     return _torch_checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+
+def _block_func(block: nn.Module) -> Any:
+    return getattr(block, "_gradient_checkpointing_func", None)
 
 
 def _replaying_checkpoint(block: nn.Module, *args: Any) -> Any:

@@ -6,14 +6,16 @@ it ``needs`` it:
 
 * no  -> the original processor runs unchanged (``AttnProcessor2_0``'s
   ``F.scaled_dot_product_attention`` in a default UNet): no probabilities are materialised;
-* yes -> the probabilities softmax(QKᵀ·scale) are computed explicitly, honouring ``attn.scale``,
-  ``upcast_attention`` / ``upcast_softmax``, attention masks, group/spatial norms and the
-  residual / rescale settings, handed to the controller, and the probabilities it returns are
-  multiplied with V.
+* yes -> the probabilities softmax(QKᵀ·scale) are computed explicitly (in float32 when the
+  layer runs in half precision or under autocast: the controller then gets float32, and the
+  product with V runs in V's dtype), honouring ``attn.scale``, ``upcast_attention`` /
+  ``upcast_softmax``, attention masks, group/spatial norms and the residual / rescale settings,
+  handed to the controller, and the probabilities it returns are multiplied with V.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -49,26 +51,72 @@ def attention_probs(
     query: torch.Tensor,
     key: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """softmax(Q Kᵀ · attn.scale + mask) as diffusers' ``Attention.get_attention_scores`` does.
 
     Args:
         query: ``(B, heads, L, d)``; key: ``(B, heads, S, d)``.
         attention_mask: additive, broadcastable to ``(B, heads, L, S)``.
+        dtype: the result's dtype (default: the query's). ``torch.float32`` computes the
+            scores and the softmax in float32, outside any autocast region.
 
     Returns:
-        ``(B, heads, L, S)`` in the query's dtype, rows summing to 1; ``upcast_attention``
-        computes the scores in float32, ``upcast_softmax`` the softmax.
+        ``(B, heads, L, S)`` rows summing to 1; ``upcast_attention`` computes the scores in
+        float32, ``upcast_softmax`` the softmax.
     """
-    dtype = query.dtype
-    if attn.upcast_attention:
-        query, key = query.float(), key.float()
-    scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-    if attention_mask is not None:
-        scores = scores + attention_mask
-    if attn.upcast_softmax:
-        scores = scores.float()
-    return scores.softmax(dim=-1).to(dtype)
+    out_dtype = query.dtype if dtype is None else dtype
+    full = attn.upcast_attention or out_dtype == torch.float32
+    device = query.device.type
+    no_autocast = full and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if no_autocast else contextlib.nullcontext():
+        if full:
+            query, key = half_cast(query, torch.float32), half_cast(key, torch.float32)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        if attn.upcast_softmax or out_dtype == torch.float32:
+            scores = scores.float()
+        return scores.softmax(dim=-1).to(out_dtype)
+
+
+#: Gradients crossing into a float16 region are multiplied by this, and divided by it where
+#: they leave (see :func:`half_cast`): float16's smallest normal number is 6e-5, and the
+#: gradients of attention losses through a UNet are often far below it (they would flush to
+#: zero). bfloat16 has float32's range and is not scaled.
+FP16_GRAD_SCALE = 1024.0
+
+
+class _HalfBoundary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype, factor: float) -> torch.Tensor:
+        ctx.source, ctx.factor = x.dtype, factor
+        return x.to(dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return (grad.float() * ctx.factor).to(ctx.source), None, None
+
+
+def half_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``; across a float16 boundary the gradient is rescaled on the way back.
+
+    Into float16 (an input of a float16 UNet): the gradient leaving the half region is divided
+    by :data:`FP16_GRAD_SCALE`; out of float16 (its output, or probabilities upcast for a
+    controller): the gradient entering it is multiplied. Values are unchanged and gradients
+    outside the half region are the true ones, while inside it they stay clear of float16's
+    underflow. Other casts are plain.
+    """
+    if x.dtype == dtype:
+        return x
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return x.to(dtype)
+    if dtype == torch.float16:
+        return _HalfBoundary.apply(x, dtype, 1.0 / FP16_GRAD_SCALE)
+    if x.dtype == torch.float16:
+        return _HalfBoundary.apply(x, dtype, FP16_GRAD_SCALE)
+    return x.to(dtype)
 
 
 _ACCEPTED: dict[type, frozenset[str]] = {}
@@ -272,9 +320,14 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        probs = attention_probs(attn, query, key, attention_mask)  # (B, heads, L, S)
+        # (B, heads, L, S); fp32 under half precision: what the controller reads (and the
+        # losses on it) keeps fp32 precision, the product with V runs in V's dtype
+        half = query.dtype in (torch.float16, torch.bfloat16)
+        probs = attention_probs(
+            attn, query, key, attention_mask, dtype=torch.float32 if half else None
+        )
         probs = self._edit(probs, site)
-        hidden_states = torch.matmul(probs.to(value.dtype), value)
+        hidden_states = torch.matmul(half_cast(probs, value.dtype), value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -285,6 +338,10 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+    #: :func:`half_cast`, the gradient-scaled cast at float16 boundaries (the DDIM loop uses
+    #: it at the UNet's inputs and output, so one rule holds on both sides)
+    half_cast = staticmethod(half_cast)
 
     def __repr__(self) -> str:
         return (

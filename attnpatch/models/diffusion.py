@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .._util import freeze
-from ..diffusion import DiffusionParts
+from ..diffusion import DiffusionParts, part_dtypes
 from ..errors import AttnPatchError
 
 __all__ = ["load_diffusers_folder", "as_parts", "detect_variant"]
@@ -84,7 +84,10 @@ def _check_parts(parts: DiffusionParts, spec: Any) -> None:
 
 
 def load_diffusers_folder(
-    folder: str | os.PathLike, *, dtype: torch.dtype | None = None
+    folder: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
 ) -> DiffusionParts:
     """Read a diffusers model folder offline (``local_files_only=True``): SD1.x, SD2.x, SDXL.
 
@@ -96,6 +99,11 @@ def load_diffusers_folder(
     ``scheduler/scheduler_config.json`` whatever class it names (``prediction_type`` kept).
     A second encoder is loaded only when ``text_encoder_2/`` exists, as
     ``CLIPTextModelWithProjection``.
+
+    ``torch_dtype`` (``float32``, ``float16``, ``bfloat16``) is diffusers' / transformers' own
+    loading dtype, per part as :func:`attnpatch.diffusion.part_dtypes` says: the UNet and the
+    text encoder(s) in it, the VAE in float32 under float16 (the SD VAE overflows in float16).
+    ``dtype`` loads every part in one dtype (the older switch).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -115,9 +123,18 @@ def load_diffusers_folder(
             "--local-dir)"
         )
     kw: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise AttnPatchError("pass torch_dtype= or dtype=, not both")
+        per_part = part_dtypes(torch_dtype)
+    else:
+        per_part = {"unet": dtype, "vae": dtype, "text_encoder": dtype}
+    dtype = per_part["text_encoder"]
     try:
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", torch_dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype, **kw)
+        unet = UNet2DConditionModel.from_pretrained(
+            root / "unet", torch_dtype=per_part["unet"], **kw
+        )
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=per_part["vae"], **kw)
         variant = detect_variant(unet)
         has_second = (root / "text_encoder_2").is_dir()
         if has_second:

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusion import DiffusionParts
+from ..diffusion import DiffusionParts, part_dtypes
 from ..errors import AttnPatchError
 from .classifier import (
     NormalizedClassifier,
@@ -301,6 +301,7 @@ def load_diffusion(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     **kwargs: Any,
 ) -> DiffusionParts:
     """Build or load a Stable Diffusion stack; every network frozen and in eval mode.
@@ -311,11 +312,24 @@ def load_diffusion(
             :func:`load_diffusers_folder`), or a ``DiffusionParts``-like object.
             Hub ids are not downloaded: download once, pass the folder.
         device, dtype: where the networks go (``dtype`` is also the loading dtype of folders).
+        torch_dtype: half precision done right: ``torch.float16`` / ``torch.bfloat16`` (or
+            their names; ``float32`` the default). Folders load each part in its dtype through
+            diffusers' / transformers' own ``torch_dtype`` loading; built stacks (registered
+            names, objects) are cast once. Per part (:func:`attnpatch.diffusion.part_dtypes`):
+            the UNet and the text encoder(s) in ``torch_dtype``, the VAE in float32 under
+            float16 (the SD VAE overflows in float16), in bfloat16 under bfloat16. The
+            attention pipeline then keeps its loop, the stored maps and the images in float32.
         **kwargs: passed to a registered factory (the tiny ones take ``seed``).
 
     Checks that the text encoder width(s) add up to the UNet's ``cross_attention_dim`` and
     converts the scheduler to ``DDIMScheduler``.
     """
+    if torch_dtype is not None and dtype is not None:
+        raise AttnPatchError(
+            "pass torch_dtype= (per-part half precision) or dtype= (one cast of everything), "
+            "not both"
+        )
+    per_part = None if torch_dtype is None else part_dtypes(torch_dtype)  # checks it first
     if isinstance(spec, (str, os.PathLike)) and str(spec) in _DIFFUSION:
         parts = as_parts(_DIFFUSION[str(spec)](**kwargs), spec)
     elif isinstance(spec, (str, os.PathLike)):
@@ -324,9 +338,11 @@ def load_diffusion(
             if kwargs:
                 raise AttnPatchError(
                     f"unexpected arguments {sorted(kwargs)} for a model folder; folders take "
-                    "device= and dtype= only"
+                    "device=, dtype= and torch_dtype= only"
                 )
-            parts = as_parts(load_diffusers_folder(path, dtype=dtype), str(spec))
+            folder = load_diffusers_folder(path, dtype=dtype, torch_dtype=torch_dtype)
+            parts = as_parts(folder, str(spec))
+            per_part = None  # loaded in their dtypes
         else:
             looks_hub = str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~"))
             extra = (
@@ -340,6 +356,13 @@ def load_diffusion(
         parts = as_parts(spec, type(spec).__name__)
     if device is not None or dtype is not None:
         parts.to(device=device, dtype=dtype)
+    if per_part is not None:
+        # nn.Module.to: diffusers' own .to() warns to load with torch_dtype instead, which a
+        # stack built in code cannot do (and none of these parts has fp32-only modules)
+        for module in parts.text_encoders:
+            nn.Module.to(module, per_part["text_encoder"])
+        nn.Module.to(parts.unet, per_part["unet"])
+        nn.Module.to(parts.vae, per_part["vae"])
     return parts
 
 

@@ -52,6 +52,9 @@ class ModelsConfig:
     #: weights), a registered name, or a local diffusers folder
     diffusion: str = "shapes"
     device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    #: the diffusion stack's dtype: "float32", "float16" or "bfloat16" (load_diffusion's
+    #: torch_dtype: the VAE stays float32 under float16; the patch and the maps stay float32)
+    dtype: str = "float32"
 
 
 @dataclass
@@ -122,6 +125,9 @@ class AttentionConfig:
     cross_resolution: int = 0
     self_resolutions: list[int] = field(default_factory=list)  #: [] = the two smallest
     checkpoint: bool = False  #: recompute UNet calls in backward (flat memory in num_steps)
+    #: "auto" (per device: "fast" on the CPU, "low" on CUDA; "balanced" if checkpoint is
+    #: true), "low", "balanced" or "fast" (AttentionPipeline(memory=...), docs/performance.md)
+    memory: str = "auto"
     diffusion_size: int = 0  #: image side fed to the VAE; 0 = the image size
 
 
@@ -227,6 +233,21 @@ class TrainConfig:
             "",
         )
         _require(self.attack.loss in ("ce", "cw"), "attack.loss must be 'ce' or 'cw'", "")
+        _require(
+            a.memory in ("auto", "low", "balanced", "fast"),
+            f"attention.memory must be 'auto', 'low', 'balanced' or 'fast', got {a.memory!r}",
+            "'auto' picks per device",
+        )
+        _require(
+            not (a.checkpoint and a.memory == "fast"),
+            "attention.checkpoint is true but attention.memory is 'fast'",
+            "drop attention.checkpoint (memory: balanced is the same)",
+        )
+        _require(
+            self.models.dtype in ("float32", "float16", "bfloat16"),
+            f"models.dtype must be 'float32', 'float16' or 'bfloat16', got {self.models.dtype!r}",
+            "",
+        )
         _require(
             not self.attack.targeted or bool(self.attack.target),
             "attack.targeted is on but attack.target is empty",

@@ -126,7 +126,7 @@ def build_trainer(
         classifier = load_classifier("tiny", weights=weights, config=shapes, device=device)
     else:
         classifier = load_classifier(cfg.models.classifier, weights=weights, device=device)
-    parts = load_diffusion(cfg.models.diffusion, device=device)
+    parts = load_diffusion(cfg.models.diffusion, device=device, torch_dtype=cfg.models.dtype)
     patch = build_patch(cfg, device)
     trainer = PatchTrainer(
         cfg,

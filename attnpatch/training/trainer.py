@@ -80,7 +80,8 @@ def attention_pipeline(config: TrainConfig, parts: DiffusionParts) -> AttentionP
         image_size=a.diffusion_size or config.data.image_size,
         cross_resolution=a.cross_resolution or None,
         self_resolutions=a.self_resolutions or None,
-        checkpoint=a.checkpoint,
+        memory=None if a.memory == "auto" else a.memory,
+        checkpoint=True if a.checkpoint else None,
     )
 
 

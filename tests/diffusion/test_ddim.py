@@ -491,7 +491,7 @@ def _bad_cases(sd):
         ),
         ("nan guidance", (s, z, cond), dict(ok, guidance_scale=float("nan")), "finite"),
         ("device", (s, z, cond.to("meta")), ok, "meta"),
-        ("latents dtype", (s, z.double(), cond), ok, "latents.to(torch.float32)"),
+        ("latents nan", (s, z * float("nan"), cond), ok, "NaN or Inf"),
         ("cond dtype", (s, z, cond.double()), ok, "cond.to(latents.dtype)"),
         ("linspace", (linspace, z, cond), ok, "timestep_spacing='linspace'"),
         ("pndm", (PNDMScheduler.from_config(s.config), z, cond), ok, "DDIMScheduler.from_config"),

@@ -131,3 +131,25 @@ def test_diffusion_scheduler_converted_and_dtype(tmp_path):
     assert parts.scheduler.config.beta_schedule == "scaled_linear"
     assert all(p.dtype == torch.float64 for m in parts.modules() for p in m.parameters())
     assert parts.vae_scale_factor == 2
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_torch_dtype_loads_each_part_in_its_dtype(tmp_path, name):
+    dtype = getattr(torch, name)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # the SD VAE overflows fp16
+    folder = save_tiny_sd(load_diffusion("tiny"), tmp_path / "sd")
+    for parts in (
+        load_diffusion(folder, torch_dtype=dtype),  # diffusers' own torch_dtype loading
+        load_diffusion("tiny", torch_dtype=name),  # built in code: cast once
+    ):
+        assert parts.unet.dtype == dtype and parts.text_encoder.dtype == dtype
+        assert parts.vae.dtype == vae_dtype
+
+
+def test_torch_dtype_errors():
+    with pytest.raises(AttnPatchError, match="not both"):
+        load_diffusion("tiny", dtype=torch.float16, torch_dtype=torch.float16)
+    with pytest.raises(AttnPatchError, match="torch_dtype must be"):
+        load_diffusion("tiny", torch_dtype="float64")
+    with pytest.raises(AttnPatchError, match="torch_dtype must be"):
+        load_diffusion("tiny", torch_dtype=torch.int8)

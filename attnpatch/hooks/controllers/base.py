@@ -6,7 +6,8 @@ The I/O contract (docs/attention-control.md has the full text):
   nothing: the layer runs its original processor (``F.scaled_dot_product_attention``), no
   probabilities are materialised.
 * ``__call__(probs, site) -> probs`` is called for layers that are needed, with ``probs`` shaped
-  ``(batch, heads, query, key)``: softmax(QKᵀ·scale) in the layer's dtype, rows summing to 1 over
+  ``(batch, heads, query, key)``: softmax(QKᵀ·scale) in the layer's dtype (float32 under half
+  precision), rows summing to 1 over
   ``key``. It returns the probabilities the layer then multiplies with V: the same tensor to only
   observe, an edited one (same shape) to steer. Gradients flow through both.
 * ``cur_step`` is the index of the current UNet call since ``reset()``; ``hijack`` advances it after
