@@ -40,48 +40,12 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
+
+from timing import PeakMeter
 
 STEPS = (1, 2, 5, 10)
 NUM_INFERENCE_STEPS = 10
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class _PeakMeter:
-    """Peak RSS from now on: VmHWM after a reset, or sampled VmRSS where resets are refused."""
-
-    def __init__(self) -> None:
-        self.baseline_kb = _status_kb("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.method = "VmHWM"
-        except OSError:
-            self.method = "sampled VmRSS (1 ms)"
-            self._peak = self.baseline_kb
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _status_kb("VmRSS"))
-            time.sleep(0.001)
-
-    def peak_kb(self) -> int:
-        if self.method == "VmHWM":
-            return _status_kb("VmHWM")
-        self._stop.set()
-        self._thread.join()
-        return max(self._peak, _status_kb("VmRSS"))
 
 
 def child(steps: int, checkpoint: bool, size: int, guidance: float, repeats: int = 1) -> dict:
@@ -116,7 +80,7 @@ def child(steps: int, checkpoint: bool, size: int, guidance: float, repeats: int
 
     run(1)  # warm-up: lazy initialisation, thread pools, kernel caches
     gc.collect()
-    meter = _PeakMeter()
+    meter = PeakMeter()
     seconds = [run(steps) for _ in range(repeats)]
     peak = meter.peak_kb()
     return {

@@ -44,8 +44,9 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
+
+from timing import PeakMeter
 
 #: The SD 1.x / 2.x / SDXL ``AutoencoderKL`` (``vae/config.json``; SDXL differs only in
 #: ``scaling_factor``).
@@ -69,50 +70,13 @@ MODELS = {
 }
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class _PeakMeter:
-    """Peak RSS from now on: VmHWM after a reset, or sampled VmRSS where resets are refused."""
-
-    def __init__(self) -> None:
-        self.baseline_kb = _status_kb("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.method = "VmHWM"
-        except OSError:
-            self.method = "sampled VmRSS"
-            self._peak = self.baseline_kb
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, _status_kb("VmRSS"))
-            time.sleep(0.001)
-
-    def peak_kb(self) -> int:
-        if self.method == "VmHWM":
-            return _status_kb("VmHWM")
-        self._stop.set()
-        self._thread.join()
-        return max(self._peak, _status_kb("VmRSS"))
-
-
 def build(model: str, dtype, device: str):
     """DiffusionParts with random weights, built directly in their dtype (no fp32 copy)."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from attnpatch.diffusion import DiffusionParts, part_dtypes
-    from attnpatch.testing import REFERENCE_UNET_CONFIGS, tiny_sd
+    from attnpatch.testing import REFERENCE_UNET_CONFIGS, tiny_scheduler, tiny_sd
 
     dtypes = part_dtypes(dtype)
     if model == "tiny":
@@ -132,16 +96,8 @@ def build(model: str, dtype, device: str):
         torch.set_default_dtype(previous)
     for m in (unet, vae):
         m.eval().requires_grad_(False)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    variant = {"sd15": "sd15", "sd2": "sd2", "sdxl": "sdxl"}[model]
-    return DiffusionParts(unet, vae, None, None, scheduler, variant)
+    scheduler = tiny_scheduler()  # SD 1.5's DDIM settings (SD 2 base's too; cost is the same)
+    return DiffusionParts(unet, vae, None, None, scheduler, model)
 
 
 def child(a: argparse.Namespace) -> dict:
@@ -255,7 +211,7 @@ def child(a: argparse.Namespace) -> dict:
         method = "torch.cuda.max_memory_allocated"
         base_gib = base / 2**30
     else:
-        meter = _PeakMeter()
+        meter = PeakMeter()
         seconds = iteration()
         growth = (meter.peak_kb() - meter.baseline_kb) / 2**20
         method = meter.method
