@@ -4,13 +4,15 @@ A re-export of :mod:`attnpatch.models.tiny` and :mod:`attnpatch.models.shapes_cl
 builders live in the model layer, beside the registry that names them): tiny SD stacks
 (``tiny_sd("sd15" | "sd2" | "sdxl")``, a :class:`~attnpatch.diffusion.DiffusionParts`), their
 components, the tiny classifier, ``mid_unet()`` for CPU benchmarks and ``reference_unet()`` for
-real models' architectures on the meta device.
+real models' architectures on the meta device; ``clip_tokenizer()`` is SD's real 49408-token CLIP
+tokenizer, built offline from open-clip-torch's vocabulary file.
 
 >>> sd = tiny_sd("sd15")
 >>> sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size
 True
 """
 
+from .models.clip_bpe import clip_tokenizer
 from .models.shapes_classifier import TinyClassifier, tiny_classifier
 from .models.tiny import (
     REFERENCE_UNET_CONFIGS,
@@ -33,6 +35,7 @@ __all__ = [
     "tiny_vae",
     "tiny_text_encoder",
     "tiny_tokenizer",
+    "clip_tokenizer",
     "tiny_scheduler",
     "tiny_classifier",
     "TinyClassifier",

@@ -187,9 +187,26 @@ def encode_prompt(
 
 # ----------------------------------------------------------------------------- token_indices
 
+_END_OF_WORD = "</w>"  # CLIP's BPE marks the last piece of each pre-tokenized word
 
-def _input_ids(tokenizer: Any, text: str, **kwargs: Any) -> list[int]:
-    return list(tokenizer(text, **kwargs).input_ids)
+
+def _ids_and_spans(
+    tokenizer: Any, text: str, **kwargs: Any
+) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Unpadded, untruncated ids of ``text`` and each token's ``(start, end)`` character span
+    in it (``None`` from a tokenizer without offsets, i.e. a slow one)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True, verbose=False, **kwargs)
+        return list(enc.input_ids), [tuple(span) for span in enc.offset_mapping]
+    return list(tokenizer(text, verbose=False, **kwargs).input_ids), None
+
+
+def _splits_a_word(text: str, start: int, end: int) -> bool:
+    """Whether the character span ``[start, end)`` of ``text`` begins or ends between two
+    letters or digits (``"cat"`` in ``"tomcat"``, ``"2"`` in ``"12"``)."""
+    before = 0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum()
+    after = 0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum()
+    return before or after
 
 
 def token_indices(
@@ -198,16 +215,35 @@ def token_indices(
     """Positions of ``word``'s tokens in ``prompt``'s padded token sequence.
 
     The positions index the token axis of the text embeddings ``(B, 77, D)`` and of
-    cross-attention maps ``(..., H*W, 77)``: BOS is at 0, the prompt's first token at 1. A word
-    that the tokenizer splits into several tokens (a rare word, or a phrase such as
-    ``"gold fish"``) returns all its positions, in order. The match is on whole words: ``"cat"``
-    is not found inside ``"bobcat"``.
+    cross-attention maps ``(..., H*W, 77)``: BOS is at 0, the prompt's first token at 1.
 
-    Repeated words: the first occurrence by default; ``all_occurrences=True`` returns the
-    positions of every occurrence, concatenated in order.
+    Rules (checked on SD's real CLIP tokenizer, ``attnpatch.testing.clip_tokenizer()``):
+
+    * **Several tokens**: a word CLIP splits into BPE pieces (``"goldfinch"`` -> ``gold``,
+      ``finch</w>``) or a phrase (``"traffic light"``, ``"tabby cat"``) returns all its
+      positions, in order.
+    * **Case and spacing** do not matter: the word is tokenized as the prompt is (CLIP
+      lowercases and collapses whitespace), so ``"Cat"`` finds ``"cat"``.
+    * **Punctuation** is its own token in CLIP, so ``"cat"`` is found in ``"a cat."``,
+      ``"cat,"`` and ``"cat's"`` (the ``.``, ``,``, ``'s`` positions are not returned); a word
+      given with punctuation (``"cat."``) must match the prompt's punctuation run exactly.
+    * **Whole words**: the tokens must match *and* the match must start and end at word
+      boundaries, so ``"cat"`` is not found in ``"tomcat"`` (``tom``, ``cat</w>``) and ``"2"``
+      is not found in ``"12"``. The boundary is read from the character offsets of a fast
+      tokenizer (the class SD loads): a match that starts or ends between two letters or digits
+      of the prompt is inside a word. (The end-of-word mark ``</w>`` alone is not enough:
+      CLIP gives every digit its own ``</w>``, so ``"2"`` used to be found inside ``"12"``.)
+      Slow tokenizers, which have no offsets, use the ``</w>`` rule only.
+    * **Repeated words**: the first occurrence by default; ``all_occurrences=True`` returns the
+      positions of every occurrence, concatenated in order.
+    * **The length limit** (77 for CLIP): :func:`encode_prompt` truncates as diffusers does, to
+      BOS, the first ``model_max_length - 2`` tokens, EOS, so positions 1..75 survive and a
+      word whose tokens reach position 76 or beyond (even partly) is truncated away. For the
+      first occurrence that is an error; with ``all_occurrences=True`` the truncated
+      occurrences are left out with a warning (an error if none is left).
 
     Raises :class:`AttnPatchError` when the word is not in the prompt (the message lists the
-    prompt's words) or lies past the tokenizer's length limit (truncated away).
+    prompt's words) or lies past the tokenizer's length limit.
 
     >>> from attnpatch.testing import tiny_tokenizer
     >>> token_indices(tiny_tokenizer(), "a photo of a cat", "cat")
@@ -215,25 +251,28 @@ def token_indices(
     """
     if not isinstance(word, str) or not word.strip():
         raise AttnPatchError(f"word must be a non-empty string, got {word!r}; pass e.g. 'cat'")
-    full = _input_ids(tokenizer, prompt)  # with BOS and EOS, unpadded, untruncated
-    target = _input_ids(tokenizer, word, add_special_tokens=False)
+    full, spans = _ids_and_spans(tokenizer, prompt)  # with BOS and EOS
+    target, _ = _ids_and_spans(tokenizer, word, add_special_tokens=False)
+    if not target:
+        raise AttnPatchError(f"word {word!r} has no tokens; pass a word of the prompt, e.g. 'cat'")
     tokens = tokenizer.convert_ids_to_tokens(full)
     special = set(getattr(tokenizer, "all_special_ids", ()))
-    end_of_word = "</w>"  # CLIP's BPE marks a word's last token
-    check_boundary = tokenizer.convert_ids_to_tokens(target[-1]).endswith(end_of_word)
+    marks_word_end = tokenizer.convert_ids_to_tokens(target[-1]).endswith(_END_OF_WORD)
     n = len(target)
     starts = []
     for i in range(len(full) - n + 1):
         if full[i : i + n] != target:
             continue
-        inside_word = (
-            check_boundary
+        mid_word = (  # the previous BPE piece does not end its word
+            marks_word_end
             and i > 0
             and full[i - 1] not in special
-            and not tokens[i - 1].endswith(end_of_word)
+            and not tokens[i - 1].endswith(_END_OF_WORD)
         )
-        if inside_word:  # e.g. "cat" in "bobcat"
-            continue
+        if mid_word or (
+            spans is not None and _splits_a_word(prompt, spans[i][0], spans[i + n - 1][1])
+        ):
+            continue  # e.g. "cat" in "tomcat", "2" in "12"
         starts.append(i)
     if not starts:
         raise AttnPatchError(
@@ -241,14 +280,20 @@ def token_indices(
             "one of these words, spelled as in the prompt"
         )
     max_len = tokenizer.model_max_length
-    if not all_occurrences:
-        starts = starts[:1]
-    positions = [s + j for s in starts for j in range(n)]
-    if positions[-1] >= max_len - 1:  # the last slot holds EOS after truncation
+    kept = [s for s in starts if s + n - 1 < max_len - 1]  # the last slot holds EOS
+    if not kept:  # starts ascend: the first occurrence is truncated, so are all
         raise AttnPatchError(
-            f"word {word!r} sits at token position {positions[-1]}, past the {max_len}-token "
+            f"word {word!r} sits at token position {starts[0] + n - 1}, past the {max_len}-token "
             "limit, and is truncated away; shorten the prompt or move the word forward"
         )
+    if all_occurrences and len(kept) < len(starts):
+        warnings.warn(
+            f"{len(starts) - len(kept)} of the {len(starts)} occurrences of {word!r} lie past the "
+            f"{max_len}-token limit and are truncated away; only the first {len(kept)} are "
+            "returned",
+            stacklevel=2,
+        )
+    positions = [s + j for s in (kept if all_occurrences else kept[:1]) for j in range(n)]
     return positions
 
 

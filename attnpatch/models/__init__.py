@@ -11,9 +11,13 @@
   (``python -m attnpatch.models.train_shapes --out DIR``); :mod:`.shapes_eval` measures what
   its attention means.
 * :mod:`.shapes_classifier` — the ``"tiny"`` classifier: training and its cache.
+* :mod:`.clip_bpe` — :func:`clip_tokenizer`, SD's real CLIP tokenizer built offline from
+  open-clip-torch's BPE file (re-exported by :mod:`attnpatch.testing`; the module is not named
+  after the function, which would shadow it).
 """
 
 from .classifier import IMAGENET_MEAN, IMAGENET_STD, NormalizedClassifier, probe_classifier
+from .clip_bpe import clip_tokenizer
 from .diffusion import load_diffusers_folder
 from .registry import (
     classifier_names,
@@ -51,4 +55,5 @@ __all__ = [
     "shapes_sd",
     "load_shapes_sd",
     "label_mass_ratio",
+    "clip_tokenizer",
 ]
