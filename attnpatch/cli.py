@@ -1,4 +1,4 @@
-"""The ``attnpatch`` command line: ``train``, ``apply``, ``doctor``, ``trace``.
+"""The ``attnpatch`` command line: ``train``, ``apply``, ``evaluate``, ``doctor``, ``trace``.
 
 Each verb is a ``_cmd_<verb>(args)`` function and a ``_add_<verb>(subparsers)`` that declares
 its flags; :func:`build_parser` lists them. A new verb is one more such pair.
@@ -90,7 +90,10 @@ def _add_trace(sub) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import apply_flags, load_config, run_training
 
-    cfg = load_config(args.config, apply_flags(args))
+    overrides = apply_flags(args)
+    if args.log:  # the fixed spelling of --train.log
+        overrides["train.log"] = args.log
+    cfg = load_config(args.config, overrides)
     if args.quiet:
         cfg.train.progress = False
     if int(os.environ.get("RANK", "0")) != 0:  # a data-parallel launch: process 0 reports
@@ -112,6 +115,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "summary.json",
     ):
         print(f"  {result.out_dir / name}")
+    if cfg.train.log != "none":
+        print(f"{cfg.train.log} logs in {result.out_dir / 'logs'}/ (docs/logging.md)")
     print(result.evaluation)
     return 0
 
@@ -130,6 +135,13 @@ def _add_train(sub) -> None:
         "--overwrite", action="store_true", help="replace a run already in train.out_dir"
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--log",
+        choices=("none", "tensorboard", "wandb"),
+        default=None,
+        help="also log metrics and images to TensorBoard or W&B, under train.out_dir/logs "
+        "(same as --train.log; default: the config's, 'none'; docs/logging.md)",
+    )
     add_config_flags(train)
     train.set_defaults(func=_cmd_train)
 
@@ -245,13 +257,63 @@ def _add_doctor(sub) -> None:
     doc.set_defaults(func=_cmd_doctor)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training import evaluate_transfer_file
+
+    table = evaluate_transfer_file(
+        args.patch,
+        args.classifiers.split(","),
+        data=args.data,
+        surrogate=args.surrogate,
+        eot_samples=args.eot_samples,
+        seed=args.seed,
+        image_size=args.image_size,
+        device=args.device,
+        out_dir=args.out,
+    )
+    print(table)
+    if args.out:
+        for name in ("transfer.csv", "transfer.json", "transfer.png"):
+            print(f"  {os.path.join(args.out, name)}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate",
+        help="a saved patch's success on several classifiers (white-box vs transfer)",
+        description="Score a patch on every victim with the same placements and EOT draws, next "
+        "to a random-noise control (docs/evaluation.md). Defaults come from the run config in "
+        "the patch file.",
+    )
+    ev.add_argument("--patch", required=True, help="patch.safetensors written by attnpatch train")
+    ev.add_argument(
+        "--classifiers",
+        required=True,
+        help="victims, comma-separated: registered names (tiny,tiny-b,tiny-c), "
+        "torchvision:<model>, timm:<model>",
+    )
+    ev.add_argument(
+        "--data",
+        default=None,
+        help="synthetic | FOLDER | CSV (default: the run's held-out data, else synthetic)",
+    )
+    ev.add_argument("--out", default=None, help="folder for transfer.csv, .json and .png")
+    ev.add_argument("--surrogate", default=None, help="default: the run's models.classifier")
+    ev.add_argument("--eot-samples", type=int, default=None, help="default: the run's (4)")
+    ev.add_argument("--seed", type=int, default=None, help="default: the run's train.seed")
+    ev.add_argument("--image-size", type=int, default=None, help="default: the run's (32)")
+    ev.add_argument("--device", default=None, help="default: the run's models.device (auto)")
+    ev.set_defaults(func=_cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnpatch",
         description="Adversarial patches guided by a Stable Diffusion UNet's attention.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_apply, _add_doctor, _add_trace):
+    for add in (_add_train, _add_apply, _add_evaluate, _add_doctor, _add_trace):
         add(sub)
     return parser
 

@@ -9,7 +9,8 @@ Through the library's own path (VAE -> DDIM inversion -> denoising under hijack 
 2. the checks the semantic tests assert: the word's own token vs its neighbours (an off-by-one),
    down vs up blocks, the CFG halves, non-square inputs with the object in a known quadrant;
 3. generation: ``parts.pipeline()`` (plain diffusers) samples per prompt, the tiny classifier's
-   recognition rate, and a figure of the samples (docs/figures/shapes_samples.png).
+   recognition rate, and a figure of the samples with its predictions
+   (``attnpatch.viz.examples``; docs/figures/shapes_samples.png).
 
     python benchmarks/eval_shapes.py [--model shapes] [--n 200] [--figure PATH]
 """
@@ -21,6 +22,7 @@ import time
 
 import torch
 
+from attnpatch import viz
 from attnpatch.data import SHAPE_CLASSES
 from attnpatch.models import load_classifier, load_diffusion
 from attnpatch.models.shapes_eval import (
@@ -32,7 +34,6 @@ from attnpatch.models.shapes_eval import (
 )
 from attnpatch.models.shapes_sd import label_mass_ratio
 from attnpatch.testing import tiny_sd
-from attnpatch.training import viz
 
 
 def summary(r: torch.Tensor) -> str:
@@ -95,9 +96,12 @@ def main() -> None:
         each = " ".join(f"{c} {r:.0%}" for c, r in zip(SHAPE_CLASSES, rates))
         print(f"  guidance {scale}: recognised {total:.0%} (chance 20%)  [{each}]")
         if scale == 3.0 and args.figure:
-            grid = imgs.view(5, per, 3, 32, 32)[:, :8].reshape(40, 3, 32, 32)
-            viz.save(viz.image_grid(grid, nrow=8, scale=3), args.figure)
-            print(f"  figure: {args.figure} (rows: {', '.join(SHAPE_CLASSES)})")
+            keep = torch.arange(len(imgs)).view(5, per)[:, :8].reshape(-1)
+            said = [SHAPE_CLASSES[int(p)] for p in pred[keep]]
+            asked = [SHAPE_CLASSES[int(w)] for w in wanted[keep]]
+            viz.save(viz.examples(imgs[keep], said, asked, ncols=8), args.figure)
+            print(f"  figure: {args.figure} (rows: {', '.join(SHAPE_CLASSES)}; the tiny")
+            print("  classifier's prediction and the prompted class under each)")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

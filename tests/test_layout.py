@@ -29,6 +29,7 @@ LAYERS = {
     "losses": 2,
     "patch": 2,
     "data": 2,
+    "viz": 2,
     "models": 3,
     "training": 4,
     "cli": 5,
@@ -158,7 +159,7 @@ def test_top_level_api_is_small_and_complete():
     for name in attnpatch.__all__:
         assert hasattr(attnpatch, name), name
     public = {n for n in vars(attnpatch) if not n.startswith("_")}
-    subpackages = {"hooks", "diffusion", "losses", "patch", "data", "models", "training"}
+    subpackages = {"hooks", "diffusion", "losses", "patch", "data", "models", "training", "viz"}
     assert public - set(attnpatch.__all__) <= subpackages | {"errors", "images", "testing", "cli"}
 
 

@@ -10,7 +10,8 @@
   in ``weights/shapes/`` (the embedded default); :mod:`.train_shapes` reproduces it
   (``python -m attnpatch.models.train_shapes --out DIR``); :mod:`.shapes_eval` measures what
   its attention means.
-* :mod:`.shapes_classifier` — the ``"tiny"`` classifier: training and its cache.
+* :mod:`.shapes_classifier` — the ``"tiny"``, ``"tiny-b"``, ``"tiny-c"`` classifiers: training
+  and their cache (:mod:`.tiny_classifiers`: the architectures of the latter two).
 * :mod:`.clip_bpe` — :func:`clip_tokenizer`, SD's real CLIP tokenizer built offline from
   open-clip-torch's BPE file (re-exported by :mod:`attnpatch.testing`; the module is not named
   after the function, which would shadow it).
@@ -29,6 +30,7 @@ from .registry import (
 )
 from .shapes_classifier import (
     TINY_CLASSIFIER_VERSION,
+    TINY_CLASSIFIERS,
     cache_dir,
     tiny_classifier_path,
     train_tiny_classifier,
@@ -51,6 +53,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "TINY_CLASSIFIER_VERSION",
+    "TINY_CLASSIFIERS",
     "SHAPES_WEIGHTS",
     "shapes_sd",
     "load_shapes_sd",

@@ -9,13 +9,13 @@ logits. The torchvision / timm builders and the local weights loader serve
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -204,6 +204,9 @@ def probe_classifier(
 # torchvision / timm builders, local weights
 # --------------------------------------------------------------------------------------------
 
+#: Suffixes that make a ``weights=`` string a file path even when the file is missing.
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
 
 def _import_optional(module: str, extra: str = "vision") -> Any:
     try:
@@ -211,66 +214,146 @@ def _import_optional(module: str, extra: str = "vision") -> Any:
     except ImportError as e:
         raise AttnPatchError(
             f"{module} is not installed, so '{module}:<model>' classifiers are unavailable; "
-            f"install it with pip install {module} (or pip install 'attnpatch[{extra}]'), or use "
-            "a registered classifier such as 'tiny'"
+            f"install it with pip install 'attnpatch[{extra}]' (a torch / torchvision pair that "
+            "load together, and timm), or use a registered classifier such as 'tiny'"
         ) from e
+    except Exception as e:  # e.g. RuntimeError: operator torchvision::nms does not exist
+        raise AttnPatchError(
+            f"{module} is installed but does not import beside torch {torch.__version__} "
+            f"({type(e).__name__}: {e}); its compiled ops need the torch release it was built "
+            f"for: install a matching pair with pip install 'attnpatch[{extra}]'"
+        ) from e
+
+
+def _torchvision_weights(tv: Any, name: str, weights: Any) -> tuple[Path | None, Any]:
+    """``weights=`` of a torchvision spec -> ``(local file, None)`` or ``(None, enum member)``.
+
+    A weights *name* is accepted only when torchvision's file is already in the torch hub
+    cache (``$TORCH_HOME/hub/checkpoints/``): torchvision would download it otherwise.
+    """
+    if isinstance(weights, os.PathLike) or Path(str(weights)).expanduser().is_file():
+        return Path(weights).expanduser(), None
+    text = str(weights)
+    try:
+        enum = tv.models.get_model_weights(name)
+    except Exception:  # a builder without a weights enum
+        enum = None
+    key = (
+        text.split(".", 1)[1] if enum is not None and text.startswith(f"{enum.__name__}.") else text
+    )
+    member = None if enum is None else enum.__members__.get(key)
+    if member is None:
+        if os.path.sep in text or text.lower().endswith(_WEIGHT_SUFFIXES):
+            return Path(text).expanduser(), None  # load_weights says it is not found
+        names = [] if enum is None else list(enum.__members__)
+        raise AttnPatchError(
+            f"weights {text!r} are neither a local file nor a torchvision weights name of "
+            f"{name!r} (its names: {names}); pass the path of an existing .pth / .safetensors "
+            "state dict, or one of those names"
+        )
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
+    if not cached.is_file():
+        raise AttnPatchError(
+            f"torchvision weights {enum.__name__}.{member.name} of {name!r} are not on this "
+            f"machine ({cached} does not exist) and attnpatch never downloads; download "
+            f"{member.url} to that path (or point $TORCH_HOME at the folder holding "
+            "hub/checkpoints/), or pass weights=<the local file>"
+        )
+    return None, member
 
 
 def build_torchvision(spec: str, weights: Any, kwargs: dict[str, Any]) -> NormalizedClassifier:
     """``"torchvision:<name>"`` -> a wrapped ``torchvision.models.get_model(name, ...)``.
 
-    ``weights`` is a torchvision weights name (passed to torchvision; its categories become the
-    classes) or a local file (loaded here with :func:`load_weights`); ImageNet normalisation,
-    input size (224, 224).
+    ``weights``: ``None`` (random weights), a local file (built with ``weights=None``, then
+    loaded strictly with :func:`load_weights`), or a torchvision weights name (``"DEFAULT"``,
+    ``"IMAGENET1K_V2"``, ``"ResNet50_Weights.IMAGENET1K_V2"``) whose file is already cached;
+    torchvision then loads it and its ``meta["categories"]`` become the classes. A name whose
+    file is not cached raises :class:`AttnPatchError` (nothing is downloaded), as does
+    torchvision's deprecated ``pretrained=`` (it downloads). ImageNet mean/std, (224, 224).
     """
     tv = _import_optional("torchvision")
     name = spec.split(":", 1)[1]
-    local = weights is not None and (
-        os.path.sep in str(weights) or Path(weights).suffix != "" or Path(weights).exists()
-    )
-    tv_weights = None if (weights is None or local) else str(weights)
-    try:
-        model = tv.models.get_model(name, weights=tv_weights, **kwargs)
-    except Exception as e:
-        available: list[str] = []
-        with contextlib.suppress(Exception):  # a torchvision without list_models()
-            available = list(tv.models.list_models())
+    if "pretrained" in kwargs:
+        raise AttnPatchError(
+            f"torchvision's pretrained= is its deprecated, downloading interface; for {spec!r} "
+            "pass weights=<local file>, or weights='DEFAULT' with the file in $TORCH_HOME"
+        )
+    available = list(tv.models.list_models())
+    if name not in available:
         close = difflib.get_close_matches(name, available, n=3)
         raise AttnPatchError(
-            f"torchvision could not build {name!r} ({type(e).__name__}: {e})."
+            f"torchvision has no model {name!r}."
             + (f" Did you mean {close}?" if close else "")
             + " See torchvision.models.list_models() for the names"
+        )
+    local, named = (None, None) if weights is None else _torchvision_weights(tv, name, weights)
+    try:
+        model = tv.models.get_model(name, weights=named, **kwargs)
+    except Exception as e:
+        raise AttnPatchError(
+            f"torchvision could not build {name!r} with {kwargs or 'no arguments'} "
+            f"({type(e).__name__}: {e}); fix the arguments (a weights name fixes num_classes)"
         ) from e
-    classes = None
-    if tv_weights is not None:
-        try:
-            meta = tv.models.get_model_weights(name)[tv_weights].meta
-            classes = meta.get("categories")
-        except Exception:
-            classes = None
+    classes = None if named is None else named.meta.get("categories")
     wrapper = NormalizedClassifier(
         model, IMAGENET_MEAN, IMAGENET_STD, classes=classes, input_size=(224, 224), name=spec
     )
-    if local:
-        load_weights(model, weights)
+    if local is not None:
+        load_weights(model, local)
     return wrapper
 
 
 def build_timm(spec: str, kwargs: dict[str, Any]) -> NormalizedClassifier:
-    """``"timm:<name>"`` -> a wrapped ``timm.create_model(name, **kwargs)`` with the
-    normalisation and input size of its ``pretrained_cfg`` (ImageNet, 224 if absent)."""
+    """``"timm:<name>"`` -> a wrapped ``timm.create_model(name, **kwargs)``.
+
+    Mean, std and input size come from ``timm.data.resolve_model_data_config(model)`` (the
+    model's ``pretrained_cfg``). Random weights unless ``pretrained=True`` with a local file:
+    ``pretrained_cfg_overlay=dict(file=PATH)`` (timm's own loader: it adapts the classifier
+    head to ``num_classes``); ``pretrained=True`` without one would download from the Hugging
+    Face hub and raises :class:`AttnPatchError`. A head-less model (``num_classes=0``, which
+    returns features) is refused.
+    """
     timm = _import_optional("timm")
     name = spec.split(":", 1)[1]
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise AttnPatchError(
+            f"timm has no model {name!r}."
+            + (f" Did you mean {close}?" if close else "")
+            + " See timm.list_models() (hub ids are not downloaded: pass the local file)"
+        )
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if kwargs.get("pretrained"):
+        file = overlay.get("file")
+        if file is None and overlay.get("state_dict") is None:
+            raise AttnPatchError(
+                f"timm's pretrained=True would download the weights of {name!r}, and attnpatch "
+                "never downloads; pass the file you have: pretrained=True, "
+                "pretrained_cfg_overlay=dict(file=PATH) (or weights=PATH for a state dict of "
+                "this architecture)"
+            )
+        if file is not None and not Path(file).expanduser().is_file():
+            raise AttnPatchError(
+                f"pretrained_cfg_overlay file {str(file)!r} not found; pass an existing "
+                f".safetensors / .pth file of the weights of {name!r}"
+            )
     try:
         model = timm.create_model(name, **kwargs)
     except Exception as e:
         raise AttnPatchError(
-            f"timm could not build {name!r} ({type(e).__name__}: {e}); see timm.list_models()"
+            f"timm could not build {name!r} with {sorted(kwargs) or 'no arguments'} "
+            f"({type(e).__name__}: {e}); fix the arguments, or the weights file"
         ) from e
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-    size = cfg.get("input_size", (3, 224, 224))
-    return NormalizedClassifier(model, mean, std, input_size=tuple(size[-2:]), name=spec)
+    if getattr(model, "num_classes", None) == 0:
+        raise AttnPatchError(
+            f"timm model {name!r} was built without a classifier head (num_classes=0: it "
+            "returns features); pass num_classes >= 2 or leave it at the default"
+        )
+    cfg = timm.data.resolve_model_data_config(model)
+    return NormalizedClassifier(
+        model, cfg["mean"], cfg["std"], input_size=tuple(cfg["input_size"][-2:]), name=spec
+    )
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

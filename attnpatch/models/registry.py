@@ -9,8 +9,9 @@ statistics never change during an attack.
 Specs a classifier can be loaded from:
 
 * a registered name: ``"tiny"`` (a :class:`~attnpatch.testing.TinyClassifier` trained on the
-  synthetic shapes in seconds and cached on disk) or anything added with
-  :func:`register_classifier`;
+  synthetic shapes in seconds and cached on disk), ``"tiny-b"`` / ``"tiny-c"`` (two other
+  architectures trained the same way, for transfer tests: :mod:`.tiny_classifiers`) or anything
+  added with :func:`register_classifier`;
 * ``"torchvision:<name>"`` / ``"timm:<name>"`` (needs the ``vision`` extra), with an optional
   local weights file;
 * an ``nn.Module`` (wrapped as it is, with the ``mean``/``std`` you give).
@@ -36,6 +37,7 @@ torch.Size([2, 5])
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,7 +57,7 @@ from .classifier import (
     probe_classifier,
 )
 from .diffusion import as_parts, load_diffusers_folder
-from .shapes_classifier import tiny_factory
+from .shapes_classifier import TINY_CLASSIFIERS, tiny_factory
 from .shapes_sd import SHAPES_WEIGHTS, load_shapes_sd
 from .tiny import tiny_sd
 
@@ -220,7 +222,7 @@ def load_classifier(
         input_size: the probe size ``(H, W)`` (default: the model's known size, else 224 for
             torchvision/timm, 32 otherwise).
         device, dtype: where the wrapper goes (default: where the factory left it).
-        **kwargs: passed to the factory (``"tiny"``: ``config``, ``seed``, ``cache`` of
+        **kwargs: passed to the factory (``"tiny*"``: ``config``, ``seed``, ``cache`` of
             :func:`~attnpatch.models.shapes_classifier.tiny_factory`; torchvision/timm: their
             model kwargs, e.g. ``num_classes``).
 
@@ -391,6 +393,8 @@ def _shapes_diffusion() -> DiffusionParts:
 
 
 register_classifier("tiny", tiny_factory)
+for _arch in TINY_CLASSIFIERS[1:]:  # "tiny-b", "tiny-c": other architectures, same recipe
+    register_classifier(_arch, functools.partial(tiny_factory, arch=_arch))
 register_diffusion("shapes", _shapes_diffusion)
 register_diffusion("tiny", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd15", _tiny_diffusion("sd15"))

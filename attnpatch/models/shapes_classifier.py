@@ -1,10 +1,19 @@
-"""The ``"tiny"`` classifier: a small CNN trained on the synthetic shapes, cached on disk.
+"""The tiny shapes classifiers: small networks trained on the synthetic shapes, cached on disk.
 
-:class:`TinyClassifier` maps ``(B, 3, H, W)`` RGB in [0, 1] to logits ``(B, num_classes)``;
-:func:`tiny_classifier` builds an untrained one with seeded weights;
-:func:`train_tiny_classifier` trains one on :func:`~attnpatch.data.shapes_dataset` in seconds on
-CPU; :func:`tiny_factory` (registered as ``"tiny"``) trains once per ``(config, seed)`` and
-then loads the cached weights from :func:`tiny_classifier_path`.
+Three architectures (:data:`TINY_CLASSIFIERS`), each registered under its name:
+
+* ``"tiny"`` — :class:`TinyClassifier`, a 3-block CNN with BatchNorm (seed 0);
+* ``"tiny-b"`` — :class:`~attnpatch.models.tiny_classifiers.TinyResNet`, a residual net with
+  GroupNorm (seed 1);
+* ``"tiny-c"`` — :class:`~attnpatch.models.tiny_classifiers.TinyStridedCNN`, a wide shallow
+  CNN of strided convolutions with a global max readout (seed 2).
+
+Each maps ``(B, 3, H, W)`` RGB in [0, 1] to logits ``(B, num_classes)``.
+:func:`tiny_classifier` builds an untrained ``"tiny"`` with seeded weights;
+:func:`train_tiny_classifier` trains any of them on :func:`~attnpatch.data.shapes_dataset` in
+seconds on CPU, with one training loop and a recipe per architecture;
+:func:`tiny_factory` (the registry entries) trains once per ``(arch, config, seed)`` and then
+loads the cached weights from :func:`tiny_classifier_path`.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +36,7 @@ from .._util import atomic_write, one_thread, seeded
 from ..data import ShapesConfig, shapes_dataset
 from ..errors import AttnPatchError
 from .classifier import NormalizedClassifier
+from .tiny_classifiers import ShapesNet, TinyResNet, TinyStridedCNN
 
 __all__ = [
     "TinyClassifier",
@@ -33,15 +45,17 @@ __all__ = [
     "tiny_classifier_path",
     "cache_dir",
     "TINY_CLASSIFIER_VERSION",
+    "TINY_CLASSIFIERS",
 ]
 
-#: Bump when the tiny classifier's training recipe changes: it is part of the cache key.
+#: Bump when the ``"tiny"`` classifier's training recipe changes: it is part of its cache key.
+#: (``"tiny-b"`` / ``"tiny-c"`` carry their own versions in ``_ARCHS``.)
 TINY_CLASSIFIER_VERSION = "tiny-classifier-v1"
 
 _TINY_TRAIN = dict(epochs=10, batch_size=64, lr=2e-2, width=8)
 
 
-class TinyClassifier(nn.Module):
+class TinyClassifier(ShapesNet):
     """A small CNN with BatchNorm: ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, num_classes)``.
 
     It normalises its input itself (per-channel mean 0.5, std 0.25), like the registry's
@@ -49,10 +63,7 @@ class TinyClassifier(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, width: int = 16):
-        super().__init__()
-        self.num_classes = num_classes
-        self.register_buffer("mean", torch.full((1, 3, 1, 1), 0.5))
-        self.register_buffer("std", torch.full((1, 3, 1, 1), 0.25))
+        super().__init__(num_classes)
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -68,8 +79,7 @@ class TinyClassifier(nn.Module):
         self.head = nn.Linear(4 * width, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        x = self.features(x)
+        x = self.features(self.normalise(images))
         return self.head(x.mean(dim=(2, 3)))
 
 
@@ -78,6 +88,35 @@ def tiny_classifier(num_classes: int = 10, seed: int = 0, width: int = 16) -> Ti
     with seeded(seed):
         model = TinyClassifier(num_classes, width)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """One tiny architecture: ``build(num_classes, width)``, its recipe, default seed and the
+    version in its cache key (``None``: ``"tiny"``'s original key, which has no arch field)."""
+
+    build: Callable[[int, int], nn.Module]
+    train: dict[str, Any]
+    seed: int
+    version: str | None
+
+
+_ARCHS: dict[str, _Arch] = {
+    "tiny": _Arch(TinyClassifier, _TINY_TRAIN, 0, None),
+    "tiny-b": _Arch(TinyResNet, dict(epochs=10, batch_size=64, lr=1e-2, width=8), 1, "v1"),
+    "tiny-c": _Arch(TinyStridedCNN, dict(epochs=10, batch_size=64, lr=5e-3, width=32), 2, "v1"),
+}
+
+#: The tiny shapes classifiers' registry names, one per architecture.
+TINY_CLASSIFIERS: tuple[str, ...] = tuple(_ARCHS)
+
+
+def _arch(name: str) -> _Arch:
+    if name not in _ARCHS:
+        raise AttnPatchError(
+            f"unknown tiny classifier architecture {name!r}; choose from {list(_ARCHS)}"
+        )
+    return _ARCHS[name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,34 +129,49 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATTNPATCH_CACHE") or Path.home() / ".cache" / "attnpatch")
 
 
-def _tiny_key(config: ShapesConfig, seed: int, train: dict[str, Any]) -> tuple[str, str]:
+def _tiny_key(config: ShapesConfig, seed: int, arch: str) -> tuple[str, str]:
+    spec = _arch(arch)
+    if spec.version is None:  # "tiny": the key it always had (existing caches stay valid)
+        head = {"version": TINY_CLASSIFIER_VERSION}
+    else:
+        head = {"version": f"{arch}-{spec.version}", "arch": arch}
     payload = json.dumps(
-        {"version": TINY_CLASSIFIER_VERSION, "data": config.to_dict(), "seed": seed, **train},
-        sort_keys=True,
+        {**head, "data": config.to_dict(), "seed": seed, **spec.train}, sort_keys=True
     )
     return hashlib.sha256(payload.encode()).hexdigest(), payload
 
 
-def tiny_classifier_path(config: ShapesConfig | None = None, seed: int = 0) -> Path:
-    """Where the ``"tiny"`` classifier of ``(config, seed)`` is cached."""
-    key, _ = _tiny_key(config or ShapesConfig(), seed, _TINY_TRAIN)
-    return cache_dir() / "classifiers" / f"tiny-{key[:20]}.safetensors"
+def tiny_classifier_path(
+    config: ShapesConfig | None = None, seed: int | None = None, *, arch: str = "tiny"
+) -> Path:
+    """Where the tiny classifier ``arch`` of ``(config, seed)`` is cached (``seed`` defaults
+    to the architecture's: 0, 1, 2 for ``"tiny"``, ``"tiny-b"``, ``"tiny-c"``)."""
+    seed = _arch(arch).seed if seed is None else seed
+    key, _ = _tiny_key(config or ShapesConfig(), seed, arch)
+    return cache_dir() / "classifiers" / f"{arch}-{key[:20]}.safetensors"
 
 
 def train_tiny_classifier(
     config: ShapesConfig | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     *,
-    epochs: int = _TINY_TRAIN["epochs"],
-    batch_size: int = _TINY_TRAIN["batch_size"],
-    lr: float = _TINY_TRAIN["lr"],
-    width: int = _TINY_TRAIN["width"],
+    arch: str = "tiny",
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    width: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a :class:`TinyClassifier` on :func:`~attnpatch.data.shapes_dataset` (on CPU).
+    """Train the tiny classifier ``arch`` (one of :data:`TINY_CLASSIFIERS`) on
+    :func:`~attnpatch.data.shapes_dataset` (on CPU).
 
-    Recipe: Adam with a one-cycle learning-rate schedule peaking at ``lr``, cross-entropy,
-    mini-batches of ``batch_size`` in a seeded order, random horizontal flips (every shape
-    class is closed under them, up to the rotation jitter). The model ends in eval mode.
+    ``seed`` and the recipe's ``epochs``, ``batch_size``, ``lr`` and ``width`` default to the
+    architecture's (``"tiny"``: seed 0, 10 epochs of 64, lr 2e-2, width 8; ``"tiny-b"``: seed
+    1, lr 1e-2, width 8; ``"tiny-c"``: seed 2, lr 5e-3, width 32).
+
+    Recipe (one loop for every architecture): Adam with a one-cycle learning-rate schedule
+    peaking at ``lr``, cross-entropy, mini-batches of ``batch_size`` in a seeded order, random
+    horizontal flips (every shape class is closed under them, up to the rotation jitter). The
+    model ends in eval mode.
 
     Deterministic given ``seed``: weights are initialised after ``torch.manual_seed(seed)``
     inside ``torch.random.fork_rng``, so the caller's global RNG state is restored afterwards
@@ -131,16 +185,21 @@ def train_tiny_classifier(
         ``(model, info)``; ``info`` holds ``heldout_accuracy`` and ``train_accuracy`` (fractions),
         ``train_seconds``, ``num_heldout``.
     """
+    spec = _arch(arch)
+    seed = spec.seed if seed is None else seed
+    given = dict(epochs=epochs, batch_size=batch_size, lr=lr, width=width)
+    recipe = {k: spec.train[k] if v is None else v for k, v in given.items()}
     config = config or ShapesConfig()
     t0 = time.perf_counter()
     train = shapes_dataset(config, "train")
     heldout = shapes_dataset(config, "heldout")
     if len(train) == 0:
         raise AttnPatchError("train_per_class is 0: the tiny classifier needs training images")
-    with one_thread():
+    with one_thread(), torch.enable_grad():  # trains even when called under no_grad
         with seeded(seed):
-            model = TinyClassifier(len(config.classes), width)
-        info = _fit(model, train, heldout, seed, epochs, batch_size, lr)
+            model = spec.build(len(config.classes), recipe["width"])
+        epochs, batch, rate = recipe["epochs"], recipe["batch_size"], recipe["lr"]
+        info = _fit(model, train, heldout, seed, epochs, batch, rate)
     info["train_seconds"] = time.perf_counter() - t0
     return model, info
 
@@ -191,7 +250,9 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
     return float((preds == labels).float().mean())
 
 
-def _load_cached(path: Path, key: str, config: ShapesConfig) -> tuple[nn.Module, dict] | None:
+def _load_cached(
+    path: Path, key: str, config: ShapesConfig, arch: str
+) -> tuple[nn.Module, dict] | None:
     """The cached model and its info, or ``None`` for a missing, foreign or corrupt file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -203,7 +264,9 @@ def _load_cached(path: Path, key: str, config: ShapesConfig) -> tuple[nn.Module,
             meta = f.metadata() or {}
         if meta.get("key") != key:
             return None
-        model = TinyClassifier(len(config.classes), _TINY_TRAIN["width"])
+        spec = _arch(arch)
+        with seeded(0):  # the init is overwritten; the caller's RNG must not move
+            model = spec.build(len(config.classes), spec.train["width"])
         model.load_state_dict(load_file(str(path)))
         info = json.loads(meta["info"])
     except Exception:  # a corrupt or foreign file: retrain and replace it
@@ -213,9 +276,17 @@ def _load_cached(path: Path, key: str, config: ShapesConfig) -> tuple[nn.Module,
 
 
 def tiny_factory(
-    config: ShapesConfig | dict[str, Any] | None = None, seed: int = 0, cache: bool = True
+    config: ShapesConfig | dict[str, Any] | None = None,
+    seed: int | None = None,
+    cache: bool = True,
+    *,
+    arch: str = "tiny",
 ) -> NormalizedClassifier:
-    """The ``"tiny"`` registry entry: train once per ``(config, seed)``, then load the cache.
+    """The ``"tiny"``, ``"tiny-b"``, ``"tiny-c"`` registry entries (``arch``): train once per
+    ``(arch, config, seed)``, then load the cache (``seed`` defaults to the architecture's).
+
+    The cache key holds the architecture, its version and recipe, the config and the seed;
+    ``"tiny"`` keeps the key it had before the other two existed.
 
     The file (:func:`tiny_classifier_path`) is written atomically, with the cache key, the
     config JSON and ``info`` in its safetensors metadata; ``cache=False`` neither reads nor
@@ -228,13 +299,14 @@ def tiny_factory(
     if isinstance(config, dict):
         config = ShapesConfig(**config)
     config = config or ShapesConfig()
-    path = tiny_classifier_path(config, seed)
-    key, payload = _tiny_key(config, seed, _TINY_TRAIN)
-    cached = _load_cached(path, key, config) if cache else None
+    seed = _arch(arch).seed if seed is None else seed
+    path = tiny_classifier_path(config, seed, arch=arch)
+    key, payload = _tiny_key(config, seed, arch)
+    cached = _load_cached(path, key, config, arch) if cache else None
     if cached is not None:
         model, info = cached
     else:
-        model, info = train_tiny_classifier(config, seed, **_TINY_TRAIN)
+        model, info = train_tiny_classifier(config, seed, arch=arch)
         info["cache_hit"] = False
         if cache:
             meta = {"key": key, "config": payload, "info": json.dumps(info)}
@@ -246,6 +318,6 @@ def tiny_factory(
         model.eval(),
         classes=config.classes,
         input_size=(config.size, config.size),
-        name="tiny",
+        name=arch,
         info=info,
     )

@@ -3,16 +3,23 @@ figures and the doctor.
 
 * :class:`TrainConfig` / :func:`load_config` — a run's configuration (files and flags).
 * :class:`PatchTrainer` — the training loop with gradient accumulation and exact resume.
-* :func:`evaluate_patch` — success rate next to a random-noise control.
+* :func:`evaluate_patch` — success rate next to a random-noise control;
+  :func:`success_by_scale` — the same per patch scale (the figures use :mod:`attnpatch.viz`).
 * :func:`run_training` / :func:`build_trainer` — what ``attnpatch train`` does.
+* :func:`evaluate_transfer` — one patch on several victims in a :class:`TransferTable`;
+  :func:`evaluate_transfer_file` — what ``attnpatch evaluate`` does.
+* :class:`RunTracking` — ``train.log``: the run in TensorBoard or W&B (docs/logging.md).
 * :func:`diagnose` / :func:`doctor` — the pipeline checklist, measured.
 """
 
 from .config import TrainConfig, add_config_flags, apply_flags, load_config
 from .doctor import diagnose, doctor
-from .evaluate import EvalResult, evaluate_patch
+from .evaluate import EvalResult, evaluate_patch, success_by_scale
 from .run import RunResult, build_trainer, run_training
+from .tracking import RunTracking
 from .trainer import PatchTrainer
+from .transfer import evaluate_transfer, evaluate_transfer_file
+from .transfer_table import TransferRow, TransferTable
 
 __all__ = [
     "TrainConfig",
@@ -22,9 +29,15 @@ __all__ = [
     "PatchTrainer",
     "evaluate_patch",
     "EvalResult",
+    "success_by_scale",
     "build_trainer",
     "run_training",
     "RunResult",
+    "RunTracking",
+    "evaluate_transfer",
+    "evaluate_transfer_file",
+    "TransferTable",
+    "TransferRow",
     "diagnose",
     "doctor",
 ]

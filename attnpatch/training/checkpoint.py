@@ -37,6 +37,8 @@ RESUMABLE_CHANGES = {
     "train.checkpoint_every",
     "train.out_dir",
     "train.threads",  # results then differ at float rounding (docs/training.md)
+    "train.log",  # where the metrics are also sent (docs/logging.md)
+    "train.log_images_every",
 }
 
 

@@ -163,6 +163,10 @@ class TrainLoopConfig:
     #: CPU threads for the run (0: torch's default, every core). Bit-identical runs need the
     #: same count; 1 is also the fastest for the tiny models (docs/training.md)
     threads: int = 1
+    #: "none", "tensorboard" or "wandb": also log metrics and images there (docs/logging.md);
+    #: off by default: metrics.jsonl always holds every value, and a logger is an extra package
+    log: str = "none"
+    log_images_every: int = 50  #: iterations between logged images (0: only at the end)
 
 
 @dataclass
@@ -197,6 +201,12 @@ class TrainConfig:
         _require(t.optimizer in ("adam", "sgd"), "train.optimizer must be 'adam' or 'sgd'", "")
         _require(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0", "0 = end only")
         _require(t.threads >= 0, "train.threads must be >= 0", "0 = torch's default")
+        _require(
+            t.log in ("none", "tensorboard", "wandb"),
+            f"train.log must be 'none', 'tensorboard' or 'wandb', got {t.log!r}",
+            "docs/logging.md",
+        )
+        _require(t.log_images_every >= 0, "train.log_images_every must be >= 0", "0 = end only")
         _require(d.batch_size >= 1, "data.batch_size must be >= 1", "")
         _require(d.image_size >= 8, "data.image_size must be >= 8", "")
         _require("{label}" in d.prompt_template, "data.prompt_template needs '{label}'", "")

@@ -10,7 +10,8 @@ effect, not luck of placement.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -20,7 +21,10 @@ from ..errors import AttnPatchError
 from ..patch import AdversarialPatch
 from .distributed import SINGLE, Dist
 
-__all__ = ["evaluate_patch", "EvalResult"]
+__all__ = ["evaluate_patch", "EvalResult", "success_by_scale", "SCALES"]
+
+#: The patch scales :func:`success_by_scale` sweeps by default (patch side / image side).
+SCALES = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 
 @dataclass
@@ -122,3 +126,54 @@ def evaluate_patch(
         targeted=target is not None,
         target=target,
     )
+
+
+def at_scale(patch: AdversarialPatch, scale: float) -> AdversarialPatch:
+    """A copy of ``patch`` (pixels, mask, position, EOT) placed at one fixed ``scale``: the
+    placed patch's longer side as a fraction of the image's shorter side."""
+    fixed = AdversarialPatch(
+        patch.size,
+        shape=patch.shape,
+        init=patch.pixels.detach()[0].cpu(),
+        scale=scale,
+        position=patch.position,
+        eot=replace(patch.eot),
+        dtype=patch.pixels.dtype,
+    ).to(patch.pixels.device)
+    fixed.mask.copy_(patch.mask)
+    return fixed
+
+
+def success_by_scale(
+    classifier: nn.Module,
+    patch: AdversarialPatch,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scales: Sequence[float] = SCALES,
+    *,
+    target: int | None = None,
+    eot_samples: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[EvalResult]:
+    """:func:`evaluate_patch` once per scale, with the patch's scale fixed to each value
+    (:func:`at_scale`; Brown et al.'s success-vs-scale curve). Every scale uses the same
+    ``seed``: the same random-noise control pixels, and within a scale the same placement and
+    EOT draws for patch and control. Arguments as :func:`evaluate_patch`; ``scales`` are
+    fractions of the image side (> 0; a patch that cannot fit is an error naming the scale).
+    """
+    if len(scales) == 0:
+        raise AttnPatchError("scales is empty; pass patch scales, e.g. (0.1, 0.2, 0.3)")
+    return [
+        evaluate_patch(
+            classifier,
+            at_scale(patch, float(s)),
+            images,
+            labels,
+            target=target,
+            eot_samples=eot_samples,
+            seed=seed,
+            batch_size=batch_size,
+        )
+        for s in scales
+    ]

@@ -8,9 +8,11 @@ Run folder (``train.out_dir``)::
     patch.png            the patch as an image
     loss_curves.png      one panel per loss term
     attention.png        a patched image and its label tokens' cross-attention, per UNet step
-    examples.png         patched held-out images (EOT on)
+    examples.png         patched held-out images (EOT on), the classifier's prediction under each
+    success_vs_scale.png success rate vs patch scale, patch and random-noise control
     summary.json         the evaluation: clean accuracy, success rate, random-patch control
     checkpoints/         the latest checkpoint (resume with --resume)
+    logs/                with train.log: TensorBoard event files or W&B runs (docs/logging.md)
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from ..data import ImageFolder, ShapesConfig, shapes_dataset
 from ..errors import AttnPatchError
 from ..models import load_classifier, load_diffusion
 from ..patch import AdversarialPatch
-from . import viz
 from .config import TrainConfig, config_to_dict
 from .distributed import SINGLE, Dist, from_environment
 from .evaluate import EvalResult, evaluate_patch
-from .trainer import TERMS, PatchTrainer, attention_pipeline
+from .figures import write_figures, write_patch_figure
+from .tracking import LOG_DIR, RunTracking
+from .trainer import PatchTrainer
 
 __all__ = ["build_trainer", "run_training", "RunResult", "resolve_device"]
 
@@ -157,11 +160,13 @@ def run_training(
     ``train.threads`` CPU threads. Launched by ``accelerate launch`` / ``torchrun`` with more
     than one process, it trains data-parallel (docs/distributed.md); process 0 writes.
     """
-    with num_threads(cfg.train.threads):
-        return _run(cfg, resume, overwrite, log, from_environment(cfg.models.device))
+    with num_threads(cfg.train.threads), RunTracking(cfg) as tracking:  # checks its package
+        return _run(cfg, resume, overwrite, log, from_environment(cfg.models.device), tracking)
 
 
-def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist) -> RunResult:
+def _run(
+    cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist, tracking: RunTracking
+) -> RunResult:
     start = time.perf_counter()
     out = Path(cfg.train.out_dir)
     check_out_dir(out)
@@ -182,9 +187,11 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist) 
             shutil.rmtree(out / "checkpoints")
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / LOG_DIR, ignore_errors=True)
     if main:
         _write_json(out / "config.json", config_to_dict(cfg))
     dist.barrier()
+    tracking.start(trainer)  # process 0, with train.log; closed when run_training returns
     t_train = time.perf_counter()
     trainer.train()
     t_train = time.perf_counter() - t_train
@@ -192,8 +199,7 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist) 
     patch = trainer.patch
     if main:
         patch.save(out / "patch.safetensors", extra={"config": json.dumps(config_to_dict(cfg))})
-        image = patch.to_image().resize((patch.size[1] * 8, patch.size[0] * 8), 0)
-        viz.save(image, out / "patch.png")
+        write_patch_figure(patch.pixels, out / "patch.png")
     images, labels = _held_tensors(held)
     target = trainer.target
     result = evaluate_patch(
@@ -208,12 +214,13 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist) 
     )
     if not main:
         return RunResult(out, result, time.perf_counter() - start, trainer)
-    write_figures(trainer, images, labels, out)
+    by_scale = write_figures(trainer, images, labels, out)  # {"by_scale": [...]}
     seconds = time.perf_counter() - start
     summary = {
         **result.to_dict(),
         "iterations": trainer.iteration,
         "optimizer_steps": trainer.steps,
+        **by_scale,
     }
     if dist.world > 1:  # the data-parallel bookkeeping (docs/distributed.md)
         summary["processes"] = dist.world
@@ -222,6 +229,7 @@ def _run(cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist) 
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
     _write_json(out / "summary.json", summary)
+    tracking.log_evaluation(result.to_dict())
     return RunResult(out, result, seconds, trainer)
 
 
@@ -245,40 +253,3 @@ def check_out_dir(out: Path) -> None:
 def _write_json(path: Path, data: Any) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2))
-
-
-def write_figures(
-    trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor, out: Path
-) -> None:
-    """loss_curves.png, examples.png and attention.png."""
-    records = [
-        json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
-    ]
-    viz.save(viz.loss_curves(records, [*TERMS, "total"]), out / "loss_curves.png")
-    n = min(trainer.config.eval.examples, len(images))
-    g = torch.Generator().manual_seed(trainer.config.train.seed)
-    device = trainer.patch.pixels.device
-    with torch.no_grad():
-        params = trainer.patch.sample_params(n, tuple(images.shape[-2:]), eot=True, generator=g)
-        patched, _ = trainer.patch(images[:n].to(device), params=params)
-    viz.save(viz.image_grid(patched.cpu(), nrow=8), out / "examples.png")
-    attention_heatmaps(trainer, patched[:1], labels[:1], out / "attention.png")
-
-
-def attention_heatmaps(
-    trainer: PatchTrainer, patched: torch.Tensor, labels: torch.Tensor, path: Path
-) -> None:
-    """The label tokens' cross-attention over one patched image, per denoising step."""
-    # attention losses off: a pipeline just for the figure
-    pipe = trainer.attention or attention_pipeline(trainer.config, trainer.parts)
-    label = int(labels[0])
-    tokens = trainer.tokens[label]
-    with torch.no_grad():
-        result = pipe(patched, [trainer.prompts[label]], per_step=True)
-    res = pipe.cross_resolution
-    steps = result.cross.step_maps("cross", res)
-    maps = [(f"step {s}", m[-1, ..., tokens].mean(-1)) for s, m in steps.items()]
-    maps.append(("mean", result.cross_maps(res)[0, ..., tokens].mean(-1)))
-    word = trainer.classes[label]
-    figure = viz.attention_figure(patched[0].cpu(), [(f"'{word}' {t}", m.cpu()) for t, m in maps])
-    viz.save(figure, path)

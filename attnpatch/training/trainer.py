@@ -181,6 +181,7 @@ class PatchTrainer:
         self.counter = 0  # the accumulation counter
         self.steps = 0  # optimizer steps done
         self._references: dict[int, dict[str, torch.Tensor]] = {}
+        self.tracker = None  #: gets metrics.jsonl's records too (training/tracking.py)
         #: Functions called with ``(trainer, outputs)`` after each forward pass ("forward"),
         #: after each ``backward()`` ("backward"), and with ``(trainer, outputs, stepped)``
         #: after each iteration ("iteration"). The doctor and tests instrument the loop here.
@@ -277,7 +278,7 @@ class PatchTrainer:
         batch_size = self.config.data.batch_size * dist.world  # the global batch
         multi = dist.world > 1  # then every global batch is whole, so shards are equal
         show = (progress if progress is not None else cfg.progress) and dist.is_main
-        log = MetricsLog(self.out_dir, dist, cfg.iterations, self.iteration, show)
+        log = MetricsLog(self.out_dir, dist, cfg.iterations, self.iteration, show, self.tracker)
         try:
             with CtrlC() as ctrl_c:
                 for it, images, labels in batches(

@@ -1,4 +1,5 @@
-"""Tests for attnpatch.models.classifier: the wrapper, the probe, torchvision / timm, weights."""
+"""Tests for attnpatch.models.classifier: the wrapper, the probe, weights files, the errors of a
+missing or broken torchvision / timm (the real libraries: tests/models/test_vision.py)."""
 
 from __future__ import annotations
 
@@ -163,77 +164,26 @@ def test_local_weights_files(tmp_path, bn_net):
 @pytest.mark.parametrize("module", ["torchvision", "timm"])
 def test_missing_extra_gives_install_hint(module, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
-    with pytest.raises(AttnPatchError, match=rf"{module} is not installed.*pip install"):
+    with pytest.raises(AttnPatchError, match=rf"{module} is not installed.*attnpatch\[vision\]"):
         load_classifier(f"{module}:resnet18")
 
 
-def _fake_torchvision(built: list, bn_net) -> types.ModuleType:
-    tv = types.ModuleType("torchvision")
-    models = types.ModuleType("torchvision.models")
-
-    def get_model(name, weights=None, **kwargs):
-        if name != "resnet_tiny":
-            raise ValueError(f"Unknown model {name}")
-        built.append((name, weights, kwargs))
-        return bn_net(kwargs.get("num_classes", 1000))
-
-    class _W:
-        meta = {"categories": ["cat", "dog", "frog"]}
-
-    models.get_model = get_model
-    models.list_models = lambda: ["resnet_tiny", "resnet18"]
-    models.get_model_weights = lambda name: {"IMAGENET1K_V1": _W()}
-    tv.models = models
-    return tv
-
-
-def test_torchvision_path_with_fake_module(monkeypatch, tmp_path, bn_net):
-    built: list = []
-    monkeypatch.setitem(sys.modules, "torchvision", _fake_torchvision(built, bn_net))
-    clf = load_classifier("torchvision:resnet_tiny", num_classes=7)
-    assert built == [("resnet_tiny", None, {"num_classes": 7})]
-    assert clf.num_classes == 7 and clf.input_size == (224, 224) and clf.classes is None
-    torch.testing.assert_close(clf.mean.flatten(), torch.tensor(IMAGENET_MEAN))
-    x = torch.rand(2, 3, 16, 16)
-    manual = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[
-        :, None, None
-    ]
-    torch.testing.assert_close(clf(x), clf.model(manual))
-    assert not clf.training and all(not p.requires_grad for p in clf.parameters())
-
-    # A torchvision weights name goes to torchvision; its categories become the classes.
-    clf = load_classifier("torchvision:resnet_tiny", weights="IMAGENET1K_V1", num_classes=3)
-    assert built[-1][1] == "IMAGENET1K_V1" and clf.classes == ["cat", "dog", "frog"]
-
-    # A local file is loaded by attnpatch instead.
-    source = bn_net(7)
-    torch.save(source.state_dict(), tmp_path / "tv.pth")
-    clf = load_classifier("torchvision:resnet_tiny", weights=tmp_path / "tv.pth", num_classes=7)
-    assert built[-1][1] is None
-    torch.testing.assert_close(clf.model[6].weight, source[6].weight)
-
-    with pytest.raises(AttnPatchError, match=r"could not build 'resnet_tiy'.*resnet_tiny"):
-        load_classifier("torchvision:resnet_tiy")
-
-
-def test_timm_path_with_fake_module(monkeypatch, bn_net):
-    timm = types.ModuleType("timm")
-
-    def create_model(name, **kwargs):
-        model = bn_net(kwargs.get("num_classes", 10))
-        model.pretrained_cfg = {
-            "mean": (0.5, 0.5, 0.5),
-            "std": (0.5, 0.5, 0.5),
-            "input_size": (3, 24, 20),
-        }
-        return model
-
-    timm.create_model = create_model
-    monkeypatch.setitem(sys.modules, "timm", timm)
-    clf = load_classifier("timm:vit_fake", num_classes=4)
-    assert clf.num_classes == 4 and clf.input_size == (24, 20)
-    x = torch.rand(2, 3, 24, 20)
-    torch.testing.assert_close(clf(x), clf.model((x - 0.5) / 0.5))
+def test_a_torchvision_that_does_not_load_beside_this_torch(monkeypatch, tmp_path):
+    """torchvision built for another torch fails at import with a RuntimeError about its ops
+    (torch 2.13's CPU wheel + torchvision 0.28); the error names the matching-pair fix."""
+    broken = tmp_path / "torchvision"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    with pytest.raises(
+        AttnPatchError,
+        match=r"torchvision is installed but does not import beside torch .*"
+        r"torchvision::nms.*matching pair.*attnpatch\[vision\]",
+    ):
+        load_classifier("torchvision:resnet50")
 
 
 # --------------------------------------------------------------------------- probe_classifier

@@ -26,6 +26,8 @@ def test_defaults_are_valid_and_round_trip():
         ("train", "lr", 0.0, "train.lr must be > 0"),
         ("train", "optimizer", "lbfgs", "train.optimizer must be 'adam' or 'sgd'"),
         ("train", "checkpoint_every", -1, "train.checkpoint_every must be >= 0"),
+        ("train", "log", "mlflow", "train.log must be 'none', 'tensorboard' or 'wandb'"),
+        ("train", "log_images_every", -1, "train.log_images_every must be >= 0"),
         ("data", "batch_size", 0, "data.batch_size must be >= 1"),
         ("data", "image_size", 4, "data.image_size must be >= 8"),
         ("data", "prompt_template", "a photo", "data.prompt_template needs '{label}'"),

@@ -1,0 +1,107 @@
+"""Attention heat maps over an image: a figure with colour bars, and a blended tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+
+from ..errors import AttnPatchError
+from ._base import check_lengths, image_array, new_figure
+
+__all__ = ["attention_maps", "overlay"]
+
+
+def _map(amap: torch.Tensor, name: str = "map") -> torch.Tensor:
+    if not isinstance(amap, torch.Tensor) or amap.ndim != 2:
+        shape = tuple(amap.shape) if isinstance(amap, torch.Tensor) else type(amap).__name__
+        raise AttnPatchError(
+            f"{name} must be a 2-D (h, w) tensor, got {shape}; average the heads, layers and "
+            "tokens first, e.g. maps[0, ..., tokens].mean(-1)"
+        )
+    m = amap.detach().float().cpu()
+    if not torch.isfinite(m).all():
+        raise AttnPatchError(f"{name} contains NaN or Inf; check the attention it came from")
+    return m
+
+
+def _colormap(cmap: str) -> matplotlib.colors.Colormap:
+    try:
+        return matplotlib.colormaps[cmap]
+    except KeyError:
+        raise AttnPatchError(
+            f"unknown colormap {cmap!r}; pass a name of matplotlib.colormaps, e.g. 'jet', "
+            "'viridis' or 'inferno'"
+        ) from None
+
+
+def overlay(
+    image: torch.Tensor, amap: torch.Tensor, cmap: str = "jet", alpha: float = 0.5
+) -> torch.Tensor:
+    """The heat map blended over the image: ``(1 - alpha) * image + alpha * cmap(m)``.
+
+    Args:
+        image: ``(3, H, W)`` in [0, 1].
+        amap: ``(h, w)``, any range: min-max normalised to [0, 1] (a constant map is 0), then
+            upsampled bilinearly to ``(H, W)``.
+        cmap: a matplotlib colormap name; alpha: the map's weight in [0, 1].
+
+    Returns:
+        ``(3, H, W)`` float in [0, 1], on the CPU (e.g. for TensorBoard's ``add_image``).
+
+    >>> overlay(torch.zeros(3, 8, 6), torch.rand(2, 2)).shape
+    torch.Size([3, 8, 6])
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise AttnPatchError(f"alpha must be in [0, 1], got {alpha!r}; e.g. alpha=0.5")
+    x = torch.from_numpy(image_array(image)).permute(2, 0, 1)
+    colors = _colormap(cmap)
+    m = _map(amap)
+    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+    m = F.interpolate(m[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+    rgb = torch.from_numpy(colors(m[0, 0].clamp(0, 1).numpy())[..., :3]).float().permute(2, 0, 1)
+    return ((1 - alpha) * x + alpha * rgb).clamp(0, 1)
+
+
+def attention_maps(
+    image: torch.Tensor,
+    maps: Sequence[tuple[str, torch.Tensor]],
+    token: str,
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.55,
+) -> Figure:
+    """The image, then one panel per map: the map upsampled (bilinear) over the image, with a
+    colour bar of its values; the token's text in the figure title and every panel's.
+
+    Args:
+        image: ``(3, H, W)`` in [0, 1].
+        maps: ``(title, (h, w) tensor)`` pairs, e.g. one per denoising step then ``"mean"``;
+            values as they are (attention probabilities), each panel on its own colour scale.
+        token: the word (or token text) whose attention the maps are.
+    """
+    check_lengths(maps=maps)
+    rgb = image_array(image)
+    h, w = rgb.shape[:2]
+    colors = _colormap(cmap)
+    n = len(maps) + 1
+    fig = new_figure(0.4 + 2.35 * n, 2.75)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    axes[0].imshow(rgb, interpolation="nearest")
+    axes[0].set_title("patched image", fontsize=9)
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # the map's cells cover the image's pixels
+    for ax, (title, amap) in zip(axes[1:], maps):
+        m = _map(amap, f"map {title!r}").numpy()
+        ax.imshow(rgb, interpolation="nearest")
+        shown = ax.imshow(m, cmap=colors, alpha=alpha, extent=extent, interpolation="bilinear")
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=7)
+        bar.formatter.set_powerlimits((-2, 3))
+        ax.set_title(f"'{token}' {title}", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle(f"cross-attention of '{token}'", fontsize=10)
+    return fig
