@@ -112,6 +112,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "loss_curves.png",
         "attention.png",
         "examples.png",
+        "success_vs_scale.png",
         "summary.json",
     ):
         print(f"  {result.out_dir / name}")

@@ -21,6 +21,7 @@ RUN_FILES = [
     "loss_curves.png",
     "attention.png",
     "examples.png",
+    "success_vs_scale.png",
     "summary.json",
     "checkpoints/latest",
 ]
@@ -33,6 +34,7 @@ PRINTED_FILES = [
     "loss_curves.png",
     "attention.png",
     "examples.png",
+    "success_vs_scale.png",
     "summary.json",
 ]
 
@@ -66,7 +68,13 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == list(range(6))
     assert {"classifier", "cross_attention", "self_attention", "l2", "total"} <= set(lines[0])
-    for name in ("patch.png", "loss_curves.png", "attention.png", "examples.png"):
+    for name in (
+        "patch.png",
+        "loss_curves.png",
+        "attention.png",
+        "examples.png",
+        "success_vs_scale.png",
+    ):
         with Image.open(out / name) as im:
             assert im.size[0] > 8 and im.size[1] > 8
     # a second run into the same folder must not silently overwrite it

@@ -214,10 +214,13 @@ def load_classifier(
         weights: a local weights file (``.safetensors``, or a ``torch.save``'d state dict,
             possibly under a ``"state_dict"``/``"model"`` key, ``module.`` prefixes stripped)
             loaded with ``strict=True``. For torchvision, a weights *name* such as
-            ``"IMAGENET1K_V2"`` or ``"DEFAULT"`` is passed to torchvision instead (which reads
-            ``$TORCH_HOME`` and downloads when the file is not there).
+            ``"IMAGENET1K_V2"`` or ``"DEFAULT"`` is used only when its file is already in
+            ``$TORCH_HOME/hub/checkpoints/`` (nothing is ever downloaded: otherwise the error
+            gives the URL and the path to put the file at). timm's ``pretrained=True`` needs
+            ``pretrained_cfg_overlay=dict(file=...)``, a local file (docs/models.md).
         mean, std: override the normalisation (default: the registration's; ImageNet's for
-            torchvision; ``model.pretrained_cfg``'s for timm; none for an ``nn.Module``).
+            torchvision; ``timm.data.resolve_model_data_config``'s for timm; none for an
+            ``nn.Module``).
         classes: class names in logit order (checked against the output width).
         input_size: the probe size ``(H, W)`` (default: the model's known size, else 224 for
             torchvision/timm, 32 otherwise).

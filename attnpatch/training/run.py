@@ -30,7 +30,7 @@ import torch
 from .._util import atomic_write, num_threads
 from ..data import ImageFolder, ShapesConfig, shapes_dataset
 from ..errors import AttnPatchError
-from ..models import load_classifier, load_diffusion
+from ..models import TINY_CLASSIFIERS, load_classifier, load_diffusion
 from ..patch import AdversarialPatch
 from .config import TrainConfig, config_to_dict
 from .distributed import SINGLE, Dist, from_environment
@@ -124,7 +124,7 @@ def build_trainer(
     device = dist.accelerator.device if dist.world > 1 else resolve_device(cfg.models.device)
     train, held = load_datasets(cfg)
     weights = cfg.models.classifier_weights or None
-    if cfg.models.classifier == "tiny":
+    if cfg.models.classifier in TINY_CLASSIFIERS:  # built for the run's image size
         shapes = ShapesConfig(size=cfg.data.image_size)
         classifier = load_classifier("tiny", weights=weights, config=shapes, device=device)
     else:

@@ -97,19 +97,17 @@ class TransferTable:
             for r in self.rows
         ]
         widths = [max(len(c) for c in col) for col in zip(head, *body)]
-        line = "  ".join
+
+        def align(cells: list[str]) -> str:  # names left, numbers right
+            return "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            )
+
         text = [
             f"transfer ({kind}): {r0.images} images x {r0.eot_samples} EOT draws, seed {r0.seed},"
             f" the same placements for every victim and the random-noise control",
-            line(h.ljust(w) if i < 3 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))),
+            *(align(cells) for cells in [head, *body]),
         ]
-        for cells in body:
-            text.append(
-                line(
-                    c.ljust(w) if i < 3 else c.rjust(w)
-                    for i, (c, w) in enumerate(zip(cells, widths))
-                )
-            )
         for rule in dict.fromkeys(r.label_rule for r in self.rows):
             text.append(
                 f"{rule}: " + next(r for r in self.rows if r.label_rule == rule).success_definition
