@@ -37,12 +37,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-from timing import PeakMeter
+from timing import PeakMeter, machine
 
 STEPS = (1, 2, 5, 10)
 NUM_INFERENCE_STEPS = 10
@@ -93,25 +92,6 @@ def child(steps: int, checkpoint: bool, size: int, guidance: float, repeats: int
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
 
 
 def _spawn(args: argparse.Namespace, steps: int, ckpt: bool, env: dict, repeats: int) -> dict:

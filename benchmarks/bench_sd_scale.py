@@ -41,12 +41,11 @@ import gc
 import itertools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
-from timing import PeakMeter
+from timing import PeakMeter, machine
 
 #: The SD 1.x / 2.x / SDXL ``AutoencoderKL`` (``vae/config.json``; SDXL differs only in
 #: ``scaling_factor``).
@@ -236,21 +235,6 @@ def child(a: argparse.Namespace) -> dict:
         result["floor_seconds"] = floor()
         result["floor_ratio"] = seconds / result["floor_seconds"]
     return result
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        with open("/proc/meminfo") as f:
-            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        mem = ""
-    return f"{cpu}, {os.cpu_count()} cores{mem}"
 
 
 def _row(r: dict) -> str:

@@ -1,8 +1,10 @@
 """Shared measuring helpers for the benchmark scripts (run them from the repo root): wall time,
-and peak resident memory on Linux."""
+peak resident memory on Linux, and the machine's description for the results."""
 
 from __future__ import annotations
 
+import os
+import platform
 import threading
 import time
 from collections.abc import Callable
@@ -56,3 +58,23 @@ class PeakMeter:
         self._stop.set()
         self._thread.join()
         return max(self._peak, _status_kb("VmRSS"))
+
+
+def machine() -> str:
+    """The CPU model, core count, RAM and OS, as the benchmark tables record the machine."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}"
