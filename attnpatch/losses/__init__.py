@@ -35,6 +35,7 @@ from .image import (
     printable_palette,
     total_variation,
 )
+from .shares import GradientShares, term_gradients, update_shares
 from .terms import LossTerms
 
 __all__ = [
@@ -57,4 +58,7 @@ __all__ = [
     "PRINTABLE_LEVELS",
     "downsample_mask",
     "LossTerms",
+    "GradientShares",
+    "term_gradients",
+    "update_shares",
 ]

@@ -155,6 +155,24 @@ class LossTerms:
         self._skipped.clear()
         return self
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """``{name: raw value}`` of the terms added with a non-zero weight, in order (the
+        tensors themselves, with their graphs)."""
+        return dict(self._values)
+
+    def with_weights(self, weights: Mapping[str, float]) -> LossTerms:
+        """A copy holding the same values under new ``weights`` (same names; a term switched
+        off stays off). What a balancer (:class:`~attnpatch.losses.GradientShares`) used is
+        then what :meth:`total`, :meth:`as_dict` and ``print`` show."""
+        if set(weights) != set(self._weights):
+            raise AttnPatchError(
+                f"with_weights needs the same names {sorted(self._weights)}, got {sorted(weights)}"
+            )
+        out = LossTerms(weights)
+        out._values = dict(self._values)
+        out._skipped = set(self._skipped)
+        return out
+
     def __contains__(self, name: object) -> bool:
         """True if ``name`` was added with a non-zero weight."""
         return name in self._values

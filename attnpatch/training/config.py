@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from ..diffusion import PROMPT_TEMPLATE
 from ..errors import AttnPatchError
 from ..patch import EOT
+from .terms import describe
+from .weights import WeightsConfig
 
 __all__ = [
     "TrainConfig",
@@ -129,23 +132,6 @@ class AttentionConfig:
     #: true), "low", "balanced" or "fast" (AttentionPipeline(memory=...), docs/performance.md)
     memory: str = "auto"
     diffusion_size: int = 0  #: image side fed to the VAE; 0 = the image size
-
-
-@dataclass
-class WeightsConfig:
-    """Loss weights (docs/losses.md); 0 removes a term without computing it.
-
-    Defaults: chosen on the embedded default (the "shapes" stack) so that every weighted term is
-    of order 1 at the start, next to a classifier term of order 1-10 (docs/training.md): the
-    label map's variance is ~3e-3 there, the self-attention MSE ~6e-5. DiffAttack's weights on
-    SD at 224 px are 10 / 10000 / 100.
-    """
-
-    classifier: float = 10.0
-    cross_attention: float = 1000.0
-    self_attention: float = 10000.0
-    l2: float = 0.01
-    tv: float = 0.0
 
 
 @dataclass
@@ -263,8 +249,7 @@ class TrainConfig:
             "attack.targeted is on but attack.target is empty",
             "set attack.target to a class name",
         )
-        for name, w in dataclasses.asdict(self.weights).items():
-            _require(w >= 0, f"weights.{name} must be >= 0, got {w}", "")
+        self.weights.check()
         return self
 
 
@@ -287,6 +272,11 @@ def _field_type(cls: type, name: str) -> Any:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):  # `float | None`: None keeps the default
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "default")):
+            return None
+        (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
+        return _coerce(value, inner, where)
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
@@ -403,13 +393,16 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(section_cls):
             typ = _field_type(section_cls, f.name)
             nargs = "+" if typing.get_origin(typ) in (list, tuple) else None
+            default = f"{getattr(defaults, f.name)!r}"
+            if sec.name == "weights" and f.name in describe("share"):
+                default = f"share {describe('share')[f.name]:g} / sum {describe('sum')[f.name]:g}"
             group.add_argument(
                 f"--{sec.name}.{f.name}",
                 dest=f"cfg::{sec.name}.{f.name}",
                 nargs=nargs,
                 default=None,
                 metavar=typ.__name__.upper() if isinstance(typ, type) else "V",
-                help=f"(default: {getattr(defaults, f.name)!r})",
+                help=f"(default: {default})",
             )
 
 

@@ -18,7 +18,6 @@ torch's RNG state are restored afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from .._util import num_threads
 from ..errors import AttnPatchError
 from ..hooks import attention_modules, is_hijacked
 from ..images import CLASSIFIER_RANGE, DIFFUSION_RANGE
+from .doctor_gradients import gradient_flow
 from .report import FAIL, PASS, WARN, Report, grad_norm, image_check
 from .trainer import IterationOutputs, PatchTrainer
 
@@ -124,14 +124,6 @@ def _static_checks(report: Report, trainer: PatchTrainer) -> None:
     )
 
 
-def _models(trainer: PatchTrainer) -> dict[str, torch.nn.Module]:
-    parts = trainer.parts
-    models = {"classifier": trainer.classifier, "unet": parts.unet, "vae": parts.vae}
-    for i, enc in enumerate(parts.text_encoders):
-        models[f"text_encoder{'' if i == 0 else '_2'}"] = enc
-    return models
-
-
 def _first_forward(report: Report, trainer: PatchTrainer) -> None:
     """One forward + gradient analysis, outside the loop (the loop repeats it)."""
     from ..data import batch_indices, batches
@@ -183,7 +175,7 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
         else "controlled processors left installed",
         "remove_hijack",
     )
-    _gradient_flow(report, trainer, fwd)
+    gradient_flow(report, trainer, fwd)
     names = [n for n, v in fwd.terms.as_dict().items() if v is not None and n != "total"]
     report.add(
         "loss terms logged separately",
@@ -191,120 +183,6 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
         ", ".join(names) or "none",
         "losses",
     )
-
-
-def _gradient_flow(report: Report, trainer: PatchTrainer, fwd: IterationOutputs) -> None:
-    """Which tensors each active loss term reaches, with non-zero gradient."""
-    res = fwd.attention
-    stages: dict[str, torch.Tensor] = {"patch": trainer.patch.pixels, "patched image": fwd.patched}
-    term_fns: dict[str, Callable[[], torch.Tensor]] = {}
-    weights = trainer.weights
-    if weights["classifier"]:
-        term_fns["classifier"] = lambda: trainer.classifier_term(fwd.logits, fwd.targets)
-    if res is not None:
-        stages.update(
-            {
-                "diffusion input": res.diffusion_input,
-                "VAE latent": res.z0,
-                "inverted latent": res.zT,
-            }
-        )
-        cross = res.cross_maps(trainer.attention.cross_resolution)
-        stages["cross-attention maps"] = cross
-        self_maps = res.self_maps()
-        if self_maps:  # the first layer's maps stand for all
-            stages["self-attention maps"] = next(iter(self_maps.values()))
-        if weights["cross_attention"]:
-            term_fns["cross_attention"] = lambda: trainer.cross_attention_term(
-                cross, fwd.mask, fwd.labels
-            )
-        if weights["self_attention"]:
-            from ..losses import self_attention_structure
-
-            ref = trainer.references(fwd.images, fwd.labels, fwd.indices)  # cached
-            term_fns["self_attention"] = lambda: self_attention_structure(self_maps, ref)
-    expected = {
-        "patch": set(term_fns),
-        "patched image": set(term_fns),
-        "diffusion input": {"cross_attention", "self_attention"},
-        "VAE latent": {"cross_attention", "self_attention"},
-        "inverted latent": {"cross_attention", "self_attention"},
-        "cross-attention maps": {"cross_attention"},
-        "self-attention maps": {"self_attention"},
-    }
-    reached: dict[str, dict[str, float]] = {s: {} for s in stages}
-    for term, fn in term_fns.items():
-        value = fn()
-        if not value.requires_grad:
-            for s in stages:
-                reached[s][term] = 0.0
-            continue
-        names = [s for s in stages if stages[s].requires_grad]
-        grads = torch.autograd.grad(
-            value, [stages[s] for s in names], retain_graph=True, allow_unused=True
-        )
-        for s in stages:
-            reached[s][term] = 0.0
-        for s, g in zip(names, grads):
-            reached[s][term] = grad_norm(g)
-    for stage, tensor in stages.items():
-        want = expected[stage] & set(term_fns)
-        if not want:
-            continue
-        missing = [t for t in sorted(want) if not reached[stage].get(t)]
-        if not tensor.requires_grad:
-            report.add(
-                f"gradient flow: {stage}",
-                FAIL,
-                "does not require grad (detached upstream)",
-                "requires_grad" if stage == "patch" else "grad_flow",
-            )
-        elif missing:
-            report.add(
-                f"gradient flow: {stage}",
-                FAIL,
-                f"no gradient from {', '.join(missing)}",
-                "grad_flow",
-            )
-        else:
-            norms = ", ".join(f"{t} {reached[stage][t]:.2e}" for t in sorted(want))
-            report.add(f"gradient flow: {stage}", PASS, f"|grad| {norms}")
-    if res is not None:
-        # the denoise process itself must be differentiable (the checklist's last item)
-        ok = res.denoised.requires_grad
-        if ok:
-            (g,) = torch.autograd.grad(
-                res.denoised.float().square().mean(), [res.zT], retain_graph=True, allow_unused=True
-            )
-            ok = grad_norm(g) > 0
-        report.add(
-            "gradient flow: denoised latent",
-            PASS if ok else FAIL,
-            "d(denoised)/d(inverted latent) is non-zero" if ok else "the denoise loop is detached",
-            "grad_flow",
-        )
-    total = fwd.terms.total()
-    if total.requires_grad:
-        total.backward()
-    leaked = [
-        n
-        for n, m in _models(trainer).items()
-        if any(p.grad is not None or p.requires_grad for p in m.parameters())
-    ]
-    training = [n for n, m in _models(trainer).items() if m.training]
-    if leaked or training:
-        value = "; ".join(
-            x
-            for x in (
-                f"weights with grad: {leaked}" if leaked else "",
-                f"in train mode: {training}" if training else "",
-            )
-            if x
-        )
-        report.add("frozen models", FAIL, value, "frozen")
-    else:
-        report.add("frozen models", PASS, f"{', '.join(_models(trainer))}: eval, no grad")
-    trainer.patch.pixels.grad = None
 
 
 class _Stop(Exception):
@@ -325,8 +203,8 @@ def _loop_checks(report: Report, trainer: PatchTrainer, n: int, K: int) -> None:
     cfg.iterations, cfg.checkpoint_every, trainer.out_dir = trainer.iteration + n, 0, None
     try:
         trainer.train(progress=False)
-    except RuntimeError as e:
-        if "does not require grad" in str(e):
+    except (RuntimeError, AttnPatchError) as e:
+        if not trainer.patch.pixels.requires_grad:
             report.add("loss.backward()", FAIL, "the total loss has no gradient", "requires_grad")
         else:
             report.add("training loop", FAIL, str(e)[:140], "backward")

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .evaluate import SCALES, success_by_scale
-from .trainer import TERMS, PatchTrainer, attention_pipeline
+from .terms import term_names
+from .trainer import PatchTrainer, attention_pipeline
 
 __all__ = ["write_figures", "write_patch_figure", "attention_heatmaps", "class_names"]
 
@@ -53,7 +54,7 @@ def write_figures(
     records = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
     ]
-    viz.save(viz.loss_curves(records, [*TERMS, "total"]), out / "loss_curves.png")
+    viz.save(viz.loss_curves(records, [*term_names(), "total"]), out / "loss_curves.png")
     cfg = trainer.config
     n = min(cfg.eval.examples, len(images))
     g = torch.Generator().manual_seed(cfg.train.seed)

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .distributed import Dist, global_means
+from .terms import terms
 
 __all__ = ["MetricsLog"]
-
-_SHORT = {"classifier": "cls", "cross_attention": "xattn", "self_attention": "sattn", "l2": "l2"}
 
 
 class MetricsLog:
@@ -78,5 +77,9 @@ class MetricsLog:
 
 def short(record: dict[str, Any]) -> str:
     """The losses, each separately, for the progress bar."""
-    parts = [f"{s}={record[n]:.3g}" for n, s in _SHORT.items() if record.get(n) is not None]
+    parts = [
+        f"{t.label}={record[t.name]:.3g}"
+        for t in terms()
+        if t.label and record.get(t.name) is not None
+    ]
     return " ".join(parts + [f"success={record['success']:.2f}"])

@@ -6,7 +6,8 @@ data-parallel one alike: the process that writes ``metrics.jsonl`` is the one th
 
 What goes out, and when:
 
-* ``loss/<term>`` (every loss term of ``metrics.jsonl``, and ``loss/total``), ``train/success``
+* ``loss/<term>`` (every loss term of ``metrics.jsonl``, and ``loss/total``), ``share/<term>``
+  (each term's measured share of the update, at measuring iterations), ``train/success``
   and ``train/lr``, at step = iteration, from :meth:`RunTracking.log_records`, which
   :meth:`~attnpatch.training.metrics_log.MetricsLog.flush` calls with the very records it writes
   to ``metrics.jsonl`` (in a data-parallel run: the global means, at the optimizer steps);
@@ -146,7 +147,9 @@ class RunTracking:
         for record in records:
             step = int(record["iteration"])
             values = {
-                f"loss/{k}": v for k, v in record.items() if isinstance(v, float) and k != "success"
+                (f"share/{k[6:]}" if k.startswith("share.") else f"loss/{k}"): v
+                for k, v in record.items()
+                if isinstance(v, float) and k != "success"
             }
             values["train/success"] = float(record["success"])
             values["train/lr"] = lr

@@ -45,15 +45,7 @@ from ..diffusion import (
 )
 from ..errors import AttnPatchError
 from ..images import CLASSIFIER_RANGE, check_image
-from ..losses import (
-    LossTerms,
-    classifier_loss,
-    cross_attention_region,
-    cross_attention_variance,
-    l2_norm,
-    self_attention_structure,
-    total_variation,
-)
+from ..losses import LossTerms
 from ..models import probe_classifier
 from ..patch import AdversarialPatch, PatchParams
 from .checkpoint import checkpoint_folder, read_checkpoint, truncate_metrics, write_checkpoint
@@ -61,11 +53,10 @@ from .config import TrainConfig, config_to_dict
 from .distributed import SINGLE, Dist, agreed
 from .interrupt import CtrlC
 from .metrics_log import MetricsLog
+from .terms import TermInputs, terms
+from .weights import Update
 
-__all__ = ["PatchTrainer", "IterationOutputs", "TERMS", "attention_pipeline"]
-
-#: The loss terms of the pipeline, in log order.
-TERMS = ("classifier", "cross_attention", "self_attention", "l2", "tv")
+__all__ = ["PatchTrainer", "IterationOutputs", "attention_pipeline"]
 
 
 def attention_pipeline(config: TrainConfig, parts: DiffusionParts) -> AttentionPipeline:
@@ -97,6 +88,8 @@ class IterationOutputs:
         attention: the attention pipeline's result, ``None`` when both attention weights are 0.
         terms: the loss terms (weighted total: ``terms.total()``).
         indices: the batch's data-set indices (keys of the cached self-attention references).
+        inputs: what the terms read (:class:`~attnpatch.training.terms.TermInputs`; its maps
+            are aggregated once and shared by the terms and the doctor).
     """
 
     images: torch.Tensor
@@ -108,6 +101,7 @@ class IterationOutputs:
     attention: AttentionResult | None
     terms: LossTerms
     indices: list[int]
+    inputs: TermInputs | None = None
 
 
 class PatchTrainer:
@@ -154,14 +148,16 @@ class PatchTrainer:
         self.data = train_data
         self.classes = list(train_data.classes)
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.weights = {name: float(getattr(config.weights, name)) for name in TERMS}
+        #: ``{term: weight}`` (``weights.mode = "share"``: shares; "sum": weights), resolved
+        self.weights = config.weights.resolved()
+        active = [t for t in terms() if self.weights[t.name]]
         self.prompts = [class_prompt(c, config.data.prompt_template) for c in self.classes]
         self.tokens = [
             token_indices(parts.tokenizer, p, c) for p, c in zip(self.prompts, self.classes)
         ]
         self.attention: AttentionPipeline | None = None
         self.class_embeds: PromptEmbeds | None = None  # the class prompts' embeddings, C rows
-        if self.weights["cross_attention"] or self.weights["self_attention"]:
+        if any(t.uses for t in active):
             self.attention = attention_pipeline(config, parts)
             self.class_embeds = self.attention.encode_prompts(self.prompts)
         #: data-set label -> classifier output index (identity unless the classifier names
@@ -181,6 +177,10 @@ class PatchTrainer:
         self.counter = 0  # the accumulation counter
         self.steps = 0  # optimizer steps done
         self._references: dict[int, dict[str, torch.Tensor]] = {}
+        #: how each iteration's terms become the patch's gradient (weights.mode)
+        self.update = Update(config.weights, self._mean_over_processes)
+        #: each term's measured share of the update at the last measuring iteration
+        self.last_shares: dict[str, float] | None = None
         self.tracker = None  #: gets metrics.jsonl's records too (training/tracking.py)
         #: Functions called with ``(trainer, outputs)`` after each forward pass ("forward"),
         #: after each ``backward()`` ("backward"), and with ``(trainer, outputs, stepped)``
@@ -208,10 +208,11 @@ class PatchTrainer:
         *,
         params: PatchParams | None = None,
     ) -> IterationOutputs:
-        """Patch, classify, run the attention pipeline, build every loss term.
+        """Patch, classify, run the attention pipeline, build every registered loss term
+        (:mod:`~attnpatch.training.terms`) whose weight is not 0.
 
         ``params``: the placement/EOT draws (default: :meth:`draws` of ``self.iteration``)."""
-        terms = LossTerms(self.weights)
+        terms_ = LossTerms(self.weights)
         if params is None:
             params = self.draws(self.iteration, images.shape[0], tuple(images.shape[-2:]))
         # The patch checks the batch (layout, [0, 1]); its output is in [0, 1] by construction,
@@ -220,43 +221,26 @@ class PatchTrainer:
         logits = self.classifier(patched)
         clf_labels = self.logit_index.to(labels.device)[labels]
         targets = clf_labels if self.target is None else torch.full_like(labels, self.target)
-        terms.add("classifier", lambda: self.classifier_term(logits, targets))
-        result = None
-        if terms.wants("cross_attention", "self_attention"):
-            result = self.attention(patched, self.class_embeds.take(labels))
-            res = self.attention.cross_resolution
-            terms.add(
-                "cross_attention",
-                lambda: self.cross_attention_term(result.cross_maps(res), mask, labels),
-            )
-            terms.add(
-                "self_attention",
-                lambda: self_attention_structure(
-                    result.self_maps(), self.references(images, labels, indices)
-                ),
-            )
-        terms.add("l2", lambda: l2_norm(patched, images))
-        terms.add("tv", lambda: total_variation(self.patch.pixels))
+        x = TermInputs(images, labels, list(indices), targets, patched, mask, logits)
+        if self.attention is not None:
+            x.attention = self.attention(patched, self.class_embeds.take(labels))
+        for t in terms():
+            terms_.add(t.name, lambda t=t: t.compute(self, x))
         return IterationOutputs(
-            images, labels, targets, patched, mask, logits, result, terms, list(indices)
+            images, labels, targets, patched, mask, logits, x.attention, terms_, list(indices), x
         )
 
-    def classifier_term(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The configured classifier loss on logits ``(B, C)``."""
-        attack = self.config.attack
-        kappa = {"kappa": attack.kappa} if attack.loss == "cw" else {}
-        return classifier_loss(logits, targets, targeted=attack.targeted, kind=attack.loss, **kappa)
+    def backward(self, out: IterationOutputs) -> dict[str, float] | None:
+        """Add this iteration's gradient to ``patch.pixels.grad`` by ``weights.mode``
+        (:class:`~attnpatch.training.weights.Update`); ``out.terms`` then holds the weights
+        that were used. Returns each term's measured share of the update on measuring
+        iterations (``weights.measure_every``), else ``None``."""
+        out.terms, measured = self.update.backward(out.terms, self.patch.pixels, self.iteration)
+        return measured
 
-    def cross_attention_term(
-        self, maps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """The configured cross-attention loss on maps ``(B, h, w, 77)`` for the labels' words;
-        ``mask`` ``(B, 1, H, W)`` in [0, 1] is the placed patch (region losses)."""
-        tokens = [self.tokens[int(y)] for y in labels]
-        kind = self.config.attention.cross_loss
-        if kind == "variance":
-            return cross_attention_variance(maps, tokens)
-        return cross_attention_region(maps, self.attention.resize_mask(mask), tokens, mode=kind)
+    def _mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over processes (per-term gradients; identity in a single process)."""
+        return tensor if self.dist.world == 1 else self.dist.sum(tensor) / self.dist.world
 
     def references(
         self, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int] = ()
@@ -300,7 +284,9 @@ class PatchTrainer:
                         images[rows], labels[rows], indices[rows], params=params.take(rows)
                     )
                     self._emit("forward", out)
-                    out.terms.total().backward()  # every iteration
+                    measured = self.backward(out)  # every iteration
+                    if measured is not None:
+                        self.last_shares = measured
                     self._emit("backward", out)
                     self.counter += 1
                     stepped = self.counter == K
@@ -312,7 +298,7 @@ class PatchTrainer:
                         self.counter = 0
                         self.steps += 1
                     self.iteration = it + 1
-                    log.add(self._record(out, stepped))
+                    log.add(self._record(out, stepped, measured))
                     self._emit("iteration", out, stepped)
                     due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
                     if not multi or stepped or due or self.iteration == cfg.iterations:
@@ -338,10 +324,15 @@ class PatchTrainer:
             hook(self, *args)
 
     # -- logging ------------------------------------------------------------------------------
-    def _record(self, out: IterationOutputs, stepped: bool) -> dict[str, Any]:
-        """One metrics line: every loss term separately, the total, the batch's success."""
+    def _record(
+        self, out: IterationOutputs, stepped: bool, measured: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        """One metrics line: every loss term separately (raw), the weighted total, the batch's
+        success; on measuring iterations each term's share of the update (``share.<term>``)."""
         record = {"iteration": self.iteration - 1, "step": stepped, "counter": self.counter}
         record.update(out.terms.as_dict())
+        for name, share in (measured or {}).items():
+            record[f"share.{name}"] = share
         with torch.no_grad():
             pred = out.logits.argmax(dim=1)
             hit = pred == out.targets  # the target class, or any class but the true one
@@ -367,6 +358,7 @@ class PatchTrainer:
             "grad": None if grads is None else grads[0],
             "world": self.dist.world,
             "grads": grads,  # one per process, in rank order
+            "shares": self.update.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,6 +379,7 @@ class PatchTrainer:
             state["counter"],
             state["steps"],
         )
+        self.update.load_state_dict(state.get("shares"))
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/it-NNNNNN/`` atomically and point ``checkpoints/latest`` at it."""

@@ -37,7 +37,7 @@ def trainer_for(parts, data, **train):
             "train": {"accumulate": K, "progress": False, **train},
             "attention": {"num_inference_steps": 4, "num_steps": 2},
             "patch": {"size": 8},
-            "weights": {"cross_attention": 1000.0, "self_attention": 100.0, "l2": 0.01},
+            "weights": {"cross_attention": 0.25, "self_attention": 0.25, "l2": 0.05},
         }
     )
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from attnpatch.training import load_config, run_training, success_by_scale
 from attnpatch.training.evaluate import SCALES, at_scale
 from attnpatch.training.figures import class_names, write_figures
 from attnpatch.training.run import load_datasets
-from attnpatch.training.trainer import TERMS
+from attnpatch.training.terms import term_names
 
 FIGURES = [
     "patch.png",
@@ -62,8 +62,8 @@ def test_run_folder_figures_exist_open_and_have_their_figures_size(run):
             sizes[name] = im.size
     # the sizes of the same figures drawn again from the run's own data
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = [t for t in TERMS if any(r[t] is not None for r in records)]
-    curves = viz.loss_curves(records, [*TERMS, "total"])
+    logged = [t for t in term_names() if any(r[t] is not None for r in records)]
+    curves = viz.loss_curves(records, [*term_names(), "total"])
     assert len(curves.axes) == len(logged) + 1  # every logged term, then the total
     assert sizes["loss_curves.png"] == _size(curves)
     image = torch.rand(3, 32, 32)

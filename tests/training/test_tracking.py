@@ -16,7 +16,7 @@ from PIL import Image
 
 from attnpatch import AdversarialPatch
 from attnpatch.cli import main
-from attnpatch.training.trainer import TERMS
+from attnpatch.training.terms import term_names
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -62,7 +62,7 @@ def check_scalars(acc: EventAccumulator, lines: list[dict], lr: float) -> None:
     """Every loss term, the total, success and lr: one event per metrics.jsonl line, at
     step = its iteration, with its value."""
     tags = acc.Tags()["scalars"]
-    for name in (*TERMS, "total", "success"):
+    for name in (*term_names(), "total", "success"):
         tag = "train/success" if name == "success" else f"loss/{name}"
         expected = [(r["iteration"], f32(r[name])) for r in lines if r[name] is not None]
         if not expected:  # a term switched off (tv: weight 0) is not logged at all
