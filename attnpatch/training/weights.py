@@ -43,9 +43,10 @@ _DOC = """Loss weights (docs/losses.md); a weight of 0 removes a term without co
     (:class:`~attnpatch.losses.GradientShares`). ``mode = "sum"``: the plain weighted sum
     ``sum_i w_i L_i`` (raw scales matter: the label map's variance is ~3e-3 on the embedded
     stack, the self-attention MSE ~6e-5). A term left at ``None`` takes its mode's default
-    (``attnpatch.training.terms``); ``measure_every`` also sets how often each term's measured
-    share of the update is logged (in "sum" mode each measurement costs one backward per term;
-    0 there: never).
+    (``attnpatch.training.terms``); ``momentum`` is the running mean's factor (0 with
+    ``measure_every = 1``: every iteration normalised by its own norms, one backward per term
+    each). ``measure_every`` also sets how often each term's measured share of the update is
+    logged (in "sum" mode each measurement costs one backward per term; 0 there: never).
     """
 
 
@@ -72,6 +73,10 @@ def _check(self: Any) -> None:
             f"weights.measure_every must be >= {low} in {self.mode} mode, got "
             f"{self.measure_every} (e.g. 4)"
         )
+    if not 0.0 <= self.momentum < 1.0:
+        raise ConfigError(
+            f"weights.momentum must be in [0, 1), got {self.momentum} (0: each measurement alone)"
+        )
     resolved = self.resolved()
     for name, value in resolved.items():
         if not (math.isfinite(value) and value >= 0):
@@ -88,6 +93,7 @@ def _weights_config() -> type:
     fields: list[Any] = [
         ("mode", str, field(default="share")),
         ("measure_every", int, field(default=4)),
+        ("momentum", float, field(default=0.9)),
     ]
     fields += [(t.name, float | None, field(default=None)) for t in terms()]
     cls = dataclasses.make_dataclass(
@@ -117,7 +123,9 @@ class Update:
         self.weights = weights.resolved()
         self.reduce = reduce
         self.shares = (
-            GradientShares(self.weights, every=self.every, reduce=reduce)
+            GradientShares(
+                self.weights, every=self.every, momentum=weights.momentum, reduce=reduce
+            )
             if self.mode == "share"
             else None
         )

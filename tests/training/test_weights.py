@@ -221,6 +221,7 @@ def test_config_mode_flag_and_defaults():
         ({"mode": "product"}, "weights.mode must be one of"),
         ({"measure_every": 0}, "measure_every must be >= 1 in share mode"),
         ({"l2": -1.0}, "weights.l2 must be >= 0"),
+        ({"momentum": 1.0}, r"weights.momentum must be in \[0, 1\)"),
         (
             {"classifier": 0, "cross_attention": 0, "self_attention": 0, "l2": 0},
             "every loss weight is 0",
@@ -234,5 +235,5 @@ def test_bad_weights_are_config_errors(weights, needle):
 
 def test_weights_config_is_built_from_the_registry():
     fields = [f.name for f in dataclasses.fields(WeightsConfig)]
-    assert fields == ["mode", "measure_every", *registry.term_names()]
+    assert fields == ["mode", "measure_every", "momentum", *registry.term_names()]
     assert WeightsConfig().resolved() == registry.describe("share")
