@@ -123,9 +123,7 @@ class Update:
         self.weights = weights.resolved()
         self.reduce = reduce
         self.shares = (
-            GradientShares(
-                self.weights, every=self.every, momentum=weights.momentum, reduce=reduce
-            )
+            GradientShares(self.weights, every=self.every, momentum=weights.momentum, reduce=reduce)
             if self.mode == "share"
             else None
         )
