@@ -112,7 +112,12 @@ def child(a: argparse.Namespace) -> dict:
         vae_encode,
     )
     from attnpatch.images import to_diffusion_input
-    from attnpatch.losses import classifier_loss, cross_attention_variance
+    from attnpatch.losses import (
+        GradientShares,
+        LossTerms,
+        classifier_loss,
+        cross_attention_variance,
+    )
     from attnpatch.testing import tiny_classifier
 
     torch.manual_seed(0)
@@ -156,7 +161,9 @@ def child(a: argparse.Namespace) -> dict:
             return torch.autocast(dev.type, dtype=dtype)
         return torch.autocast(dev.type, enabled=False)
 
-    def iteration() -> float:
+    def iteration(mode: str = "sum") -> float:
+        """One attack iteration; ``mode="share"``: a measuring iteration of weights.mode share
+        (one backward per term, GradientShares), else one backward of the weighted sum."""
         x = image.clone().requires_grad_(True)
         start = time.perf_counter()
         with autocast():
@@ -165,7 +172,14 @@ def child(a: argparse.Namespace) -> dict:
             lx = cross_attention_variance(r.cross_maps(pipe.cross_resolution), [5])
             ls = sum(v.float().square().mean() for v in r.self_maps().values())
             loss = lc + 10 * lx + 1e4 * ls
-        loss.backward()
+        if mode == "share":
+            shares = {"classifier": 0.5, "cross_attention": 0.25, "self_attention": 0.25}
+            terms = LossTerms(shares)
+            for name, value in zip(shares, (lc, lx, ls)):
+                terms.add(name, value)
+            GradientShares(shares).backward(terms, x, measure=True)
+        else:
+            loss.backward()
         if cuda:
             torch.cuda.synchronize()
         assert x.grad is not None and torch.isfinite(x.grad).all(), "non-finite gradient"
@@ -230,6 +244,12 @@ def child(a: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if a.weights_mode == "share":  # the cost of weights.mode = "share" (docs/performance.md)
+        gc.collect()
+        result["share_seconds"] = iteration("share")
+        result["share_ratio"] = result["share_seconds"] / seconds
+        # measuring every 4th iteration (weights.measure_every = 4): 1 measuring + 3 plain
+        result["share_amortized_ratio"] = (result["share_seconds"] + 3 * seconds) / (4 * seconds)
     if a.floor:
         gc.collect()
         result["floor_seconds"] = floor()
@@ -239,10 +259,15 @@ def child(a: argparse.Namespace) -> dict:
 
 def _row(r: dict) -> str:
     floor = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else ""
+    share = (
+        f" share: measuring {r['share_ratio']:.2f}x, every 4th {r['share_amortized_ratio']:.2f}x"
+        if "share_ratio" in r
+        else ""
+    )
     return (
         f"| {r['model']} | {r['px']} | {r['steps'][0]}/{r['steps'][1]} | {r['guidance']:g} | "
         f"{r['memory']} | {r['dtype']} | {r['device']} | {r['baseline_gib']:.2f} | "
-        f"**{r['growth_gib']:.2f}** | {r['seconds']:.1f} | {floor} |"
+        f"**{r['growth_gib']:.2f}** | {r['seconds']:.1f} | {floor} |{share}"
     )
 
 
@@ -260,6 +285,12 @@ def main() -> None:
     parser.add_argument("--autocast", action="store_true", help="fp32 weights, autocast dtype")
     parser.add_argument("--floor", action="store_true", help="also time the bare calls")
     parser.add_argument("--peers", action="store_true", help="classic processors, no ckpt")
+    parser.add_argument(
+        "--weights-mode",
+        default="sum",
+        choices=["sum", "share"],
+        help="share: also time a measuring iteration of weights.mode share (a backward per term)",
+    )
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -285,6 +316,7 @@ def main() -> None:
             )
             if on
         ]
+        cmd += ["--weights-mode", args.weights_mode]
         start = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:

@@ -39,7 +39,15 @@ from typing import Any
 
 MODES = ("variance", "repel", "attract")
 #: share mode: (classifier, cross, self) shares; l2 keeps its default share
-SHARES = [(0.6, 0.2, 0.2), (0.5, 0.25, 0.25), (0.4, 0.3, 0.3), (0.3, 0.35, 0.35), (0.2, 0.4, 0.4)]
+SHARES = [
+    (0.6, 0.2, 0.2),
+    (0.5, 0.25, 0.25),
+    (0.4, 0.3, 0.3),
+    (0.3, 0.35, 0.35),
+    (0.2, 0.4, 0.4),
+    (0.1, 0.45, 0.45),
+    (0.05, 0.475, 0.475),
+]
 #: sum mode: (cross, self) weights next to the default classifier weight 10
 SUMS = [(1e3, 1e4), (1e4, 1e5), (1e5, 1e6), (1e6, 1e7)]
 
@@ -82,6 +90,17 @@ def settings() -> dict[str, dict[str, Any]]:
                 mode="share",
                 measure_every=1,
                 momentum=0.0,
+                classifier=c,
+                cross_attention=x,
+                self_attention=s,
+            )
+        for c, x, s in SHARES:  # normalised by the running mean gradient's norm
+            add(
+                f"share-signal {c:g}/{x:g}/{s:g} {m}",
+                "share-signal",
+                m,
+                mode="share",
+                momentum=0.95,
                 classifier=c,
                 cross_attention=x,
                 self_attention=s,
@@ -147,6 +166,47 @@ def _use_upgrad() -> None:
     w.Update.backward = backward
 
 
+def _use_signal_norms() -> None:
+    """Experimental: normalise each term by the norm of its running MEAN gradient (the part of
+    it that is consistent over iterations) instead of the running mean of its norms."""
+    import torch
+
+    from attnpatch.losses import shares as S
+
+    def backward(self, terms, param, *, measure=None):
+        values = terms.values()
+        terms.total()
+        if measure is None:
+            measure = self.calls % self.every == 0
+        measure = measure or not self.norms
+        self.calls += 1
+        if not measure:
+            w = self.weights()
+            loss = sum(w[n] * v.reshape(()) for n, v in values.items() if w[n] > 0)
+            if isinstance(loss, torch.Tensor):
+                loss.backward()
+            return None
+        grads = S.term_gradients(values, param)
+        names = list(grads)
+        stacked = torch.stack([grads[n] for n in names])
+        if self.reduce is not None:
+            stacked = self.reduce(stacked)
+        if not hasattr(self, "means"):
+            self.means, self.t = {}, 0
+        self.t += 1
+        for n, g in zip(names, stacked.unbind(0)):
+            m = self.means.get(n)
+            self.means[n] = g.clone() if m is None else self.momentum * m + (1 - self.momentum) * g
+            corr = 1 - self.momentum**self.t if m is not None else 1.0
+            self.norms[n] = float((self.means[n] / corr).double().norm())
+        w = self.weights()
+        combined = torch.stack([w[n] * grads[n] for n in names]).sum(0)
+        param.grad = combined if param.grad is None else param.grad + combined
+        return S.update_shares({n: w[n] * g for n, g in zip(names, stacked.unbind(0))})
+
+    S.GradientShares.backward = backward
+
+
 def measure(trainer, scenes, patch) -> dict[str, float]:
     """Attention measures of ``patch`` on the held-out ``scenes`` (``None``: clean images)."""
     import torch
@@ -192,6 +252,8 @@ def run_one(name: str, seed: int, out: Path, iterations: int) -> dict[str, Any]:
     spec = settings()[name]
     if spec["kind"] == "torchjd":
         _use_upgrad()
+    if spec["kind"] == "share-signal":
+        _use_signal_norms()
     folder = out / slug(name) / f"seed{seed}"
     overrides = dict(spec["overrides"])
     overrides.update(
