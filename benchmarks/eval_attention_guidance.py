@@ -62,7 +62,43 @@ def settings() -> dict[str, dict[str, Any]]:
             o["attention.cross_loss"] = cross_mode
         out[name] = {"overrides": o, "mode": cross_mode, "kind": kind}
 
-    add("classifier only", "base", None, mode="share", cross_attention=0.0, self_attention=0.0)
+    add(
+        "classifier only",
+        "base",
+        None,
+        mode="share",
+        exact="none",
+        cross_attention=0.0,
+        self_attention=0.0,
+    )
+    add(
+        "classifier only (hybrid)",
+        "base-hybrid",
+        None,
+        mode="share",
+        exact="cheap",
+        cross_attention=0.0,
+        self_attention=0.0,
+    )
+    add(
+        "classifier only (iter)",
+        "base-iter",
+        None,
+        mode="share",
+        measure_every=1,
+        momentum=0.0,
+        cross_attention=0.0,
+        self_attention=0.0,
+    )
+    add(
+        "classifier only (signal)",
+        "base-signal",
+        None,
+        mode="share",
+        momentum=0.95,
+        cross_attention=0.0,
+        self_attention=0.0,
+    )
     add(
         "classifier only (sum)",
         "base-sum",
@@ -78,6 +114,18 @@ def settings() -> dict[str, dict[str, Any]]:
                 "share",
                 m,
                 mode="share",
+                exact="none",
+                classifier=c,
+                cross_attention=x,
+                self_attention=s,
+            )
+        for c, x, s in SHARES:  # the classifier (and l2) normalised at every iteration
+            add(
+                f"hybrid {c:g}/{x:g}/{s:g} {m}",
+                "hybrid",
+                m,
+                mode="share",
+                exact="cheap",
                 classifier=c,
                 cross_attention=x,
                 self_attention=s,
@@ -360,6 +408,10 @@ def summarise(runs) -> list[dict[str, Any]]:
             "base-sum": "classifier only (sum)",
             "share-iter": "classifier only (iter)",
             "base-iter": "classifier only (iter)",
+            "share-signal": "classifier only (signal)",
+            "base-signal": "classifier only (signal)",
+            "hybrid": "classifier only (hybrid)",
+            "base-hybrid": "classifier only (hybrid)",
         }.get(kind, "classifier only")
         base = runs.get(base_name, {})
         seeds = sorted(s for s in by_seed if s in base)
@@ -430,6 +482,7 @@ def figure(rows, path: Path) -> None:
     from matplotlib.figure import Figure
 
     colours = {
+        "hybrid": "C6",
         "share": "C0",
         "sum": "C1",
         "attention-only": "C2",

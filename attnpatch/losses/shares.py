@@ -29,7 +29,7 @@ logged but does not steer shows as a share near 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import torch
@@ -53,15 +53,19 @@ def _check_param(param: object) -> torch.Tensor:
 
 
 def term_gradients(
-    terms: LossTerms | Mapping[str, torch.Tensor], param: torch.Tensor
+    terms: LossTerms | Mapping[str, torch.Tensor],
+    param: torch.Tensor,
+    *,
+    retain_graph: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Each term's gradient with respect to ``param``: one backward per term, the graph they
-    share kept until the last one (then freed). A term that does not reach ``param`` gets
-    zeros. ``param.grad`` is not touched.
+    share kept until the last one (then freed, unless ``retain_graph``). A term that does not
+    reach ``param`` gets zeros. ``param.grad`` is not touched.
 
     Args:
         terms: a :class:`LossTerms` (its added terms) or ``{name: scalar tensor}``.
         param: the tensor being optimised, ``requires_grad=True``.
+        retain_graph: keep the graph after the last term (another backward follows).
 
     Returns:
         ``{name: tensor shaped like param}``.
@@ -77,7 +81,8 @@ def term_gradients(
         if not value.requires_grad:
             out[name] = torch.zeros_like(param)
             continue
-        (g,) = torch.autograd.grad(value, param, retain_graph=k < len(names) - 1, allow_unused=True)
+        keep = retain_graph or k < len(names) - 1
+        (g,) = torch.autograd.grad(value, param, retain_graph=keep, allow_unused=True)
         out[name] = torch.zeros_like(param) if g is None else g
     return out
 
@@ -106,7 +111,12 @@ class GradientShares:
             :meth:`backward` (or when the caller says so); the others cost one backward.
         momentum: running-mean factor of the norms (0: the last measurement only).
         reduce: the data-parallel mean of the stacked per-term gradients ``(T, *param.shape)``
-            on measuring calls, so every process uses the norms of the global batch.
+            on measuring calls (and of the ``exact`` terms' on every call), so every process
+            uses the norms of the global batch.
+        exact: names of terms normalised by their own gradient's norm on *every* call (one
+            backward each, every call: meant for terms that are cheap to differentiate, such
+            as a classifier loss whose gradient norm varies by orders of magnitude from one
+            image to the next); the others use the running norms.
 
     State (:meth:`state_dict`): the running norms and the number of calls, so a resumed run
     continues bit for bit.
@@ -119,6 +129,7 @@ class GradientShares:
         every: int = 4,
         momentum: float = 0.9,
         reduce: Reduce | None = None,
+        exact: Collection[str] = (),
     ):
         checked = LossTerms(shares).weights  # names and values checked as weights are
         total = sum(checked.values())
@@ -135,7 +146,12 @@ class GradientShares:
         self.every = every
         self.momentum = float(momentum)
         self.reduce = reduce
-        self.norms: dict[str, float] = {}  #: running mean of each term's gradient norm
+        self.exact = frozenset(exact)
+        unknown = sorted(self.exact - set(checked))
+        if unknown:
+            raise InputError(f"exact names {unknown} are not terms of {sorted(checked)}")
+        #: running mean of each term's gradient norm (an exact term: its last norm)
+        self.norms: dict[str, float] = {}
         self.calls = 0
 
     def weights(self) -> dict[str, float]:
@@ -178,31 +194,48 @@ class GradientShares:
             measure = self.calls % self.every == 0
         measure = measure or not self.norms
         self.calls += 1
-        if not measure:
-            w = self.weights()
-            loss = sum(w[n] * v.reshape(()) for n, v in values.items() if w[n] > 0)
+        exact = [n for n in values if n in self.exact]
+        names = list(values) if measure else exact
+        rest = [] if measure else [n for n in values if n not in self.exact]
+        # one backward per measured (or exact) term; the graph stays for the rest's backward
+        grads = (
+            term_gradients({n: values[n] for n in names}, param, retain_graph=bool(rest))
+            if names
+            else {}
+        )
+        seen = self._update_norms(grads)
+        w = self.weights()
+        if rest:  # one backward for the terms between their measurements
+            loss = sum(w[n] * values[n].reshape(()) for n in rest if w[n] > 0)
             if isinstance(loss, torch.Tensor):
                 loss.backward()
+        if grads:
+            combined = torch.stack([w[n] * grads[n] for n in grads]).sum(0)
+            param.grad = combined if param.grad is None else param.grad + combined
+        if not measure:
             return None
-        grads = term_gradients(values, param)
+        return update_shares({n: w[n] * g for n, g in seen.items()})
+
+    def _update_norms(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Update the norms from this call's per-term gradients (the global batch's, through
+        ``reduce``); returns those global gradients."""
+        if not grads:
+            return {}
         names = list(grads)
         stacked = torch.stack([grads[n] for n in names])
         if self.reduce is not None:
             stacked = self.reduce(stacked)
-        global_ = dict(zip(names, stacked.unbind(0)))  # this process's alone without reduce
-        for n, g in global_.items():
+        seen = dict(zip(names, stacked.unbind(0)))  # this process's alone without reduce
+        for n, g in seen.items():
             norm = float(g.double().norm())
             if not math.isfinite(norm):
                 raise InputError(f"term {n!r} has a non-finite gradient; check its inputs")
             old = self.norms.get(n)
-            self.norms[n] = (
-                norm if old is None else self.momentum * old + (1 - self.momentum) * norm
-            )
-        w = self.weights()
-        contributions = {n: w[n] * grads[n] for n in names}
-        combined = torch.stack(list(contributions.values())).sum(0)
-        param.grad = combined if param.grad is None else param.grad + combined
-        return update_shares({n: w[n] * global_[n] for n in names})
+            if old is None or n in self.exact:
+                self.norms[n] = norm
+            else:
+                self.norms[n] = self.momentum * old + (1 - self.momentum) * norm
+        return seen
 
     def state_dict(self) -> dict[str, Any]:
         return {"norms": dict(self.norms), "calls": self.calls}
@@ -212,4 +245,7 @@ class GradientShares:
         self.calls = int(state["calls"])
 
     def __repr__(self) -> str:
-        return f"GradientShares(shares={self.shares}, every={self.every}, norms={self.norms})"
+        return (
+            f"GradientShares(shares={self.shares}, every={self.every}, exact={sorted(self.exact)}"
+            f", norms={self.norms})"
+        )

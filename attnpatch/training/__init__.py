@@ -10,12 +10,15 @@ figures and the doctor.
   :func:`evaluate_transfer_file` — what ``attnpatch evaluate`` does.
 * :class:`RunTracking` — ``train.log``: the run in TensorBoard or W&B (docs/logging.md).
 * :func:`diagnose` / :func:`doctor` — the pipeline checklist, measured.
+* :class:`Term` / :func:`register_term` / :func:`term_names` — the pipeline's loss terms, one
+  registration each; ``weights.mode`` says how they become the update (:mod:`.weights`).
 """
 
 from .config import TrainConfig, add_config_flags, apply_flags, load_config
 from .doctor import diagnose, doctor
 from .evaluate import EvalResult, evaluate_patch, success_by_scale
 from .run import RunResult, build_trainer, run_training
+from .terms import Term, TermInputs, register_term, term_names
 from .tracking import RunTracking
 from .trainer import PatchTrainer
 from .transfer import evaluate_transfer, evaluate_transfer_file
@@ -40,4 +43,8 @@ __all__ = [
     "TransferRow",
     "diagnose",
     "doctor",
+    "Term",
+    "TermInputs",
+    "register_term",
+    "term_names",
 ]

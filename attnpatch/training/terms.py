@@ -124,7 +124,10 @@ def register_term(t: Term, *, overwrite: bool = False) -> Term:
         raise ConfigError(f"register_term needs a Term, got {type(t).__name__}")
     if t.name in _TERMS and not overwrite:
         raise ConfigError(f"loss term {t.name!r} is already registered; pass overwrite=True")
-    if t.name in ("mode", "measure_every", "momentum", "total") or not t.name.isidentifier():
+    if (
+        t.name in ("mode", "measure_every", "momentum", "exact", "total")
+        or not t.name.isidentifier()
+    ):
         raise ConfigError(f"{t.name!r} cannot name a loss term (reserved, or not an identifier)")
     unknown = set(t.uses) - {"cross", "self"}
     if unknown:

@@ -33,7 +33,12 @@ from ..errors import ConfigError
 from ..losses import GradientShares, LossTerms, term_gradients, update_shares
 from .terms import MODES, describe, terms
 
-__all__ = ["WeightsConfig", "Update"]
+__all__ = ["WeightsConfig", "Update", "EXACT"]
+
+#: ``weights.exact``: which terms share mode normalises by their own gradient norm at every
+#: iteration: "cheap" (those that do not run the diffusion model: no extra UNet backward),
+#: "all" (one backward per term, every iteration) or "none" (running norms for every term).
+EXACT = ("cheap", "all", "none")
 
 _DOC = """Loss weights (docs/losses.md); a weight of 0 removes a term without computing it.
 
@@ -43,9 +48,10 @@ _DOC = """Loss weights (docs/losses.md); a weight of 0 removes a term without co
     (:class:`~attnpatch.losses.GradientShares`). ``mode = "sum"``: the plain weighted sum
     ``sum_i w_i L_i`` (raw scales matter: the label map's variance is ~3e-3 on the embedded
     stack, the self-attention MSE ~6e-5). A term left at ``None`` takes its mode's default
-    (``attnpatch.training.terms``); ``momentum`` is the running mean's factor (0 with
-    ``measure_every = 1``: every iteration normalised by its own norms, one backward per term
-    each). ``measure_every`` also sets how often each term's measured share of the update is
+    (``attnpatch.training.terms``). ``exact``: which terms are normalised by their own
+    gradient's norm at every iteration ("cheap": those that do not run the diffusion model,
+    such as the classifier loss, whose gradient norm varies by orders of magnitude between
+    images; "all"; "none"); the others by a running mean of their norms (``momentum``). ``measure_every`` also sets how often each term's measured share of the update is
     logged (in "sum" mode each measurement costs one backward per term; 0 there: never).
     """
 
@@ -73,6 +79,8 @@ def _check(self: Any) -> None:
             f"weights.measure_every must be >= {low} in {self.mode} mode, got "
             f"{self.measure_every} (e.g. 4)"
         )
+    if self.exact not in EXACT:
+        raise ConfigError(f"weights.exact must be one of {EXACT}, got {self.exact!r}")
     if not 0.0 <= self.momentum < 1.0:
         raise ConfigError(
             f"weights.momentum must be in [0, 1), got {self.momentum} (0: each measurement alone)"
@@ -94,6 +102,7 @@ def _weights_config() -> type:
         ("mode", str, field(default="share")),
         ("measure_every", int, field(default=4)),
         ("momentum", float, field(default=0.9)),
+        ("exact", str, field(default="cheap")),
     ]
     fields += [(t.name, float | None, field(default=None)) for t in terms()]
     cls = dataclasses.make_dataclass(
@@ -105,6 +114,12 @@ def _weights_config() -> type:
 
 
 WeightsConfig = _weights_config()
+
+
+def _exact(which: str) -> list[str]:
+    if which == "none":
+        return []
+    return [t.name for t in terms() if which == "all" or not t.uses]
 
 
 class Update:

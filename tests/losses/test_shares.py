@@ -217,3 +217,25 @@ def test_with_weights_keeps_values_and_switched_off_terms():
     assert list(other.values()) == ["a"]
     with pytest.raises(ValueError, match="same names"):
         terms.with_weights({"a": 1.0})
+
+
+def test_exact_terms_are_normalised_at_every_call():
+    """An exact term gets its share of every call's update; the others keep running norms."""
+    x = torch.nn.Parameter(torch.zeros(4))
+    combine = GradientShares({"a": 1.0, "b": 1.0}, every=100, exact=["a"])
+    first_b = None
+    for it in range(3):
+        scale = 10.0**it  # a's raw scale changes from call to call
+        values = losses(x + 0.1 * it, scale)
+        grads = term_gradients(losses(x + 0.1 * it, scale), x)
+        terms = LossTerms({"a": 1.0, "b": 1.0})
+        for name, value in values.items():
+            terms.add(name, value)
+        x.grad = None
+        combine.backward(terms, x)
+        if first_b is None:
+            first_b = grads["b"].norm()
+        expected = 0.5 * grads["a"] / grads["a"].norm() + 0.5 * grads["b"] / first_b
+        torch.testing.assert_close(x.grad, expected)
+    with pytest.raises(InputError, match="exact names"):
+        GradientShares({"a": 1.0}, exact=["z"])

@@ -235,5 +235,5 @@ def test_bad_weights_are_config_errors(weights, needle):
 
 def test_weights_config_is_built_from_the_registry():
     fields = [f.name for f in dataclasses.fields(WeightsConfig)]
-    assert fields == ["mode", "measure_every", "momentum", *registry.term_names()]
+    assert fields == ["mode", "measure_every", "momentum", "exact", *registry.term_names()]
     assert WeightsConfig().resolved() == registry.describe("share")
