@@ -48,6 +48,8 @@ SHARES = [
     (0.1, 0.45, 0.45),
     (0.05, 0.475, 0.475),
 ]
+#: CW margins tried with the hybrid mode
+KAPPAS = (5.0, 10.0, 20.0)
 #: sum mode: (cross, self) weights next to the default classifier weight 10
 SUMS = [(1e3, 1e4), (1e4, 1e5), (1e5, 1e6), (1e6, 1e7)]
 
@@ -173,6 +175,39 @@ def settings() -> dict[str, dict[str, Any]]:
             cross_attention=1.0,
             self_attention=0.0,
         )
+    add(
+        "self only",
+        "attention-only",
+        "variance",
+        mode="share",
+        classifier=0.0,
+        cross_attention=0.0,
+        self_attention=1.0,
+    )
+    for kappa in KAPPAS:  # a CW margin: no classifier gradient once an image is fooled by kappa
+        add(
+            f"classifier only (hybrid, cw {kappa:g})",
+            f"base-cw{kappa:g}",
+            None,
+            mode="share",
+            cross_attention=0.0,
+            self_attention=0.0,
+        )
+        out[f"classifier only (hybrid, cw {kappa:g})"]["overrides"].update(
+            {"attack.loss": "cw", "attack.kappa": kappa}
+        )
+        for c, x, s in ((0.5, 0.25, 0.25), (0.3, 0.35, 0.35), (0.2, 0.4, 0.4)):
+            name = f"hybrid cw {kappa:g} {c:g}/{x:g}/{s:g} variance"
+            add(
+                name,
+                f"cw{kappa:g}",
+                "variance",
+                mode="share",
+                classifier=c,
+                cross_attention=x,
+                self_attention=s,
+            )
+            out[name]["overrides"].update({"attack.loss": "cw", "attack.kappa": kappa})
     for c, x, s in ((0.5, 0.25, 0.25), (0.3, 0.35, 0.35)):
         add(
             f"upgrad {c:g}/{x:g}/{s:g} variance",
@@ -413,6 +448,8 @@ def summarise(runs) -> list[dict[str, Any]]:
             "hybrid": "classifier only (hybrid)",
             "base-hybrid": "classifier only (hybrid)",
         }.get(kind, "classifier only")
+        if kind.startswith(("cw", "base-cw")):
+            base_name = f"classifier only (hybrid, cw {kind.split('cw')[1]})"
         base = runs.get(base_name, {})
         seeds = sorted(s for s in by_seed if s in base)
         if not seeds:

@@ -138,7 +138,13 @@ class Update:
         self.weights = weights.resolved()
         self.reduce = reduce
         self.shares = (
-            GradientShares(self.weights, every=self.every, momentum=weights.momentum, reduce=reduce)
+            GradientShares(
+                self.weights,
+                every=self.every,
+                momentum=weights.momentum,
+                reduce=reduce,
+                exact=_exact(weights.exact),
+            )
             if self.mode == "share"
             else None
         )
