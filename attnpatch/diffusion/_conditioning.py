@@ -23,7 +23,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, InputError
 from ..hooks import ControlledAttnProcessor
 
 __all__ = ["Conditioning", "ddim_schedule", "prepare"]
@@ -82,9 +82,9 @@ def _device_timesteps(timesteps: tuple[int, ...], device: torch.device) -> tuple
 
 def _check_int(name: str, value: Any, low: int, high: int, why: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise AttnPatchError(f"{name} must be an int, got {value!r}; pass e.g. {name}=10")
+        raise InputError(f"{name} must be an int, got {value!r}; pass e.g. {name}=10")
     if not low <= value <= high:
-        raise AttnPatchError(f"{name}={value} is out of range: {why}")
+        raise InputError(f"{name}={value} is out of range: {why}")
 
 
 def ddim_schedule(

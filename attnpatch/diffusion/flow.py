@@ -177,8 +177,9 @@ def _loop(
     x = latents
     for t, dt in steps:
         v = _guided(transformer, x, t, c, recompute, split)
-        # diffusers' step: in float32, back to the velocity's dtype (here the latents')
-        x = (x.float() + dt * v.float()).to(x.dtype)
+        # diffusers' step, in float32 (or float64) and back to the latents' dtype
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x = (x.to(wide) + dt * v.to(wide)).to(x.dtype)
     return x
 
 
