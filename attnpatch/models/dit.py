@@ -64,7 +64,13 @@ def to_flow_scheduler(parts: DiffusionParts) -> None:
 
 
 def _width(encoder: Any, key: str) -> int:
-    return int(getattr(encoder.config, key))
+    value = getattr(encoder.config, key, None)
+    if value is None:
+        raise ModelError(
+            f"the text encoder {type(encoder).__name__} has no {key}; pass the text encoders in "
+            "the pipeline's order (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP-L, T5)"
+        )
+    return int(value)
 
 
 def check_dit_parts(parts: DiffusionParts, spec: Any) -> None:
