@@ -365,3 +365,16 @@ def test_flux_dev_needs_its_guidance_and_a_unet_is_refused(flux, sd15):
     with pytest.raises(InputError, match="takes 4 .packed 2x2 inside"):  # in_channels 16
         flow_denoise(flux.transformer, flux.scheduler, pack(x).reshape(2, 16, 4, 4), e,
                      num_inference_steps=4, num_steps=2, guidance=3.5)  # fmt: skip
+
+
+def test_unet_paths_refuse_transformers_with_the_fix(sd3):
+    from attnpatch.diffusion import AttentionPipeline, ddim_denoise, ddim_invert
+    from attnpatch.testing import tiny_scheduler
+
+    with pytest.raises(ModelError, match="for SD3 / Flux call flow_invert / flow_denoise"):
+        AttentionPipeline(sd3)
+    e = _embeds(sd3, msl=8)
+    for fn, fix in ((ddim_denoise, "use flow_denoise"), (ddim_invert, "use flow_invert")):
+        with pytest.raises(ModelError, match=fix):
+            fn(sd3.transformer, tiny_scheduler(), _latents(), e.cond, num_inference_steps=4,
+               num_steps=2)  # fmt: skip
