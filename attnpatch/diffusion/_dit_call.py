@@ -20,6 +20,7 @@ model-family seam), which will replace it:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -60,13 +61,16 @@ def unpack(packed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, c4 // 4, h, w)
 
 
+@functools.lru_cache(maxsize=32)
 def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Flux's ``img_ids`` ``(h/2 * w/2, 3)``: (0, row, column) of each packed token
-    (``FluxPipeline._prepare_latent_image_ids``)."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    (``FluxPipeline._prepare_latent_image_ids``); made once per size, device and dtype (outside
+    inference mode, so a later checkpointed call can save it), not per step."""
+    with torch.inference_mode(False):
+        ids = torch.zeros(h // 2, w // 2, 3)
+        ids[..., 1] = ids[..., 1] + torch.arange(h // 2)[:, None]
+        ids[..., 2] = ids[..., 2] + torch.arange(w // 2)[None, :]
+        return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
 def _batch(t: torch.Tensor, b: int) -> torch.Tensor:

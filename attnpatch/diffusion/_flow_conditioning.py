@@ -104,9 +104,9 @@ def _on_device(
     """0-d timestep tensors and Euler steps ``sigma_{i+1} - sigma_i`` on ``device``, made once
     (outside inference mode, so a later checkpointed call can save them)."""
     timesteps, sigmas = _private_schedule(family, config_json, n, image_seq_len)
-    with torch.inference_mode(False):
-        t = timesteps.to(device)
-        s = sigmas.to(device)
+    with torch.inference_mode(False):  # copies: the cached CPU ones may be inference tensors
+        t = timesteps.to(device, copy=True)
+        s = sigmas.to(device, copy=True)
         return t.unbind(0), (s[1:] - s[:-1]).unbind(0)
 
 

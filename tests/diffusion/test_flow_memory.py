@@ -144,3 +144,20 @@ def test_the_replay_reinstalls_forward_time_processors_on_transformers(request, 
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], grads[0], **TOL)
     assert all(model.attn_processors[k] is p for k, p in originals.items())
+
+
+@pytest.mark.parametrize("stack", ["sd3", "flux"])
+def test_inference_mode_first_then_checkpointed_training(request, stack):
+    """The cached schedule and Flux's image ids are made outside inference mode: a later
+    checkpointed call can save them for backward."""
+    parts = request.getfixturevalue(stack)
+    e = encode_prompt(parts.tokenizers, parts.text_encoders, PROMPTS, max_sequence_length=8)
+    kw = dict(num_inference_steps=5, num_steps=2, guidance_scale=2.0)
+    kw.update(guidance=3.5) if parts.variant == "flux" else None
+    x = torch.randn(2, 4, 6, 10)  # a size no other test uses: fresh cache entries
+    with torch.inference_mode():
+        flow_denoise(parts.transformer, parts.scheduler, x, e, **kw)
+    x.requires_grad_(True)
+    out = flow_denoise(parts.transformer, parts.scheduler, x, e, checkpoint=True, **kw)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
