@@ -42,19 +42,20 @@ def test_the_stacks_parts(stack):
 
 
 def test_the_pipeline_runs_and_flow_denoise_equals_it(stack):
-    n, x = 2, torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    """``parts.pipeline()(prompt, num_inference_steps=2, output_type="latent")`` at the
+    pipeline's default size, and flow_denoise from the same initial noise."""
+    prompt, n = "a photo of a circle", 2
     pipe = stack.pipeline()
-    kw = dict(num_inference_steps=n, output_type="latent", height=16, width=16)
-    if stack.variant == "flux":
-        packed = FluxPipeline._pack_latents(x, 1, 4, 8, 8)
-        ref = pipe("a photo of a circle", latents=packed, guidance_scale=3.5, **kw).images
-        ref = FluxPipeline._unpack_latents(ref, 16, 16, 2)
+    ref = pipe(prompt, num_inference_steps=n, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    side = 2 * (pipe.default_sample_size * pipe.vae_scale_factor // (2 * pipe.vae_scale_factor))
+    x = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))  # its noise
+    extra = {"guidance_scale": 7.0}  # StableDiffusion3Pipeline's default: CFG on ""
+    if stack.variant == "flux":  # FluxPipeline returns its packed latents; guidance 3.5
+        ref = FluxPipeline._unpack_latents(ref, side * 2, side * 2, 2)
         extra = {"guidance": 3.5}
-    else:
-        ref = pipe("a photo of a circle", latents=x, guidance_scale=1.0, **kw).images
-        extra = {}
-    assert ref.shape == (1, 4, 8, 8) and torch.isfinite(ref).all()
-    e = encode_prompt(stack.tokenizers, stack.text_encoders, "a photo of a circle")
+    assert ref.shape == x.shape and torch.isfinite(ref).all()
+    e = encode_prompt(stack.tokenizers, stack.text_encoders, prompt)
     got = flow_denoise(stack.transformer, stack.scheduler, x, e, num_inference_steps=n,
                        num_steps=n, **extra)  # fmt: skip
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
