@@ -5,7 +5,10 @@ builders live in the model layer, beside the registry that names them): tiny SD 
 (``tiny_sd("sd15" | "sd2" | "sdxl")``, a :class:`~attnpatch.diffusion.DiffusionParts`), their
 components, the tiny classifier, ``mid_unet()`` for CPU benchmarks and ``reference_unet()`` for
 real models' architectures on the meta device; ``clip_tokenizer()`` is SD's real 49408-token CLIP
-tokenizer, built offline from open-clip-torch's vocabulary file.
+tokenizer, built offline from open-clip-torch's vocabulary file. Diffusion transformers:
+``tiny_sd3()`` / ``tiny_flux()`` (:mod:`attnpatch.models.tiny_dit`) and their parts,
+``tiny_t5_tokenizer()`` (a T5-convention SentencePiece tokenizer estimated from the shapes
+captions: :mod:`attnpatch.models.t5_unigram`).
 
 >>> sd = tiny_sd("sd15")
 >>> sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size
@@ -14,6 +17,7 @@ True
 
 from .models.clip_bpe import clip_tokenizer
 from .models.shapes_classifier import TinyClassifier, tiny_classifier
+from .models.t5_unigram import tiny_t5_tokenizer
 from .models.tiny import (
     REFERENCE_UNET_CONFIGS,
     VARIANTS,
@@ -28,6 +32,7 @@ from .models.tiny import (
     tiny_unet,
     tiny_vae,
 )
+from .models.tiny_dit import flow_scheduler, save_tiny_dit, tiny_flux, tiny_sd3, tiny_t5_encoder
 
 __all__ = [
     "tiny_sd",
@@ -36,6 +41,12 @@ __all__ = [
     "tiny_text_encoder",
     "tiny_tokenizer",
     "clip_tokenizer",
+    "tiny_t5_tokenizer",
+    "tiny_t5_encoder",
+    "tiny_sd3",
+    "tiny_flux",
+    "flow_scheduler",
+    "save_tiny_dit",
     "tiny_scheduler",
     "tiny_classifier",
     "TinyClassifier",

@@ -43,3 +43,19 @@ def sdxl():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sd3():
+    """The tiny SD3.5-shaped stack (its pipeline steps ``sd3.scheduler``: copy it to compare)."""
+    from attnpatch.testing import tiny_sd3
+
+    return tiny_sd3()
+
+
+@pytest.fixture(scope="session")
+def flux():
+    """The tiny Flux-dev-shaped stack (guidance embedding on)."""
+    from attnpatch.testing import tiny_flux
+
+    return tiny_flux()

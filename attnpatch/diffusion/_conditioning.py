@@ -23,8 +23,9 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, InputError, ModelError
 from ..hooks import ControlledAttnProcessor
+from ._dit_call import DIT_CLASSES
 
 __all__ = ["Conditioning", "ddim_schedule", "prepare"]
 
@@ -82,9 +83,9 @@ def _device_timesteps(timesteps: tuple[int, ...], device: torch.device) -> tuple
 
 def _check_int(name: str, value: Any, low: int, high: int, why: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise AttnPatchError(f"{name} must be an int, got {value!r}; pass e.g. {name}=10")
+        raise InputError(f"{name} must be an int, got {value!r}; pass e.g. {name}=10")
     if not low <= value <= high:
-        raise AttnPatchError(f"{name}={value} is out of range: {why}")
+        raise InputError(f"{name}={value} is out of range: {why}")
 
 
 def ddim_schedule(
@@ -341,6 +342,12 @@ def prepare(
     added_cond_kwargs: Mapping[str, Any] | None,
 ) -> Conditioning:
     """Check the arguments of a DDIM loop and assemble the UNet's conditioning once."""
+    if any(c.__name__ in DIT_CLASSES for c in type(unet).__mro__):
+        raise ModelError(
+            f"{fn} runs UNets; {type(unet).__name__} is a flow-matching transformer: use "
+            f"{fn.replace('ddim', 'flow')}(parts.transformer, parts.scheduler, latents, embeds, "
+            "...) from attnpatch.diffusion"
+        )
     b = _check_latents(fn, unet, latents)
     if isinstance(guidance_scale, bool) or not math.isfinite(float(guidance_scale)):
         raise AttnPatchError(

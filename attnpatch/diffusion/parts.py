@@ -1,4 +1,5 @@
-"""The parts of a Stable Diffusion stack, as one object (tiny, loaded, or yours)."""
+"""The parts of a diffusion stack (Stable Diffusion's UNet, or SD3's / Flux's transformer), as
+one object (tiny, loaded, or yours)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ModelError
 
-__all__ = ["DiffusionParts", "part_dtypes"]
+__all__ = ["DiffusionParts", "part_dtypes", "DIT_VARIANTS", "VARIANTS"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -18,7 +19,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def part_dtypes(torch_dtype: torch.dtype | str | None) -> dict[str, torch.dtype]:
     """Which dtype each network gets for a requested ``torch_dtype``.
 
-    The UNet and the text encoder(s) take ``torch_dtype``; the VAE takes it too except under
+    The UNet (or transformer, under the same key ``"unet"``) and the text encoder(s) take
+    ``torch_dtype``; the VAE takes it too except under
     float16, where it stays float32: the SD VAE overflows in float16 (its decoder's and the
     encoder's mid-block activations exceed 65504; diffusers' ``force_upcast``), while bfloat16
     has float32's range. ``None`` is float32.
@@ -43,24 +45,46 @@ def part_dtypes(torch_dtype: torch.dtype | str | None) -> dict[str, torch.dtype]
     return {"unet": torch_dtype, "text_encoder": torch_dtype, "vae": vae}
 
 
+#: ``DiffusionParts.variant`` of the stacks whose network is a transformer (a DiT).
+DIT_VARIANTS = ("sd3", "flux")
+#: Every ``DiffusionParts.variant``.
+VARIANTS = ("sd15", "sd2", "sdxl", *DIT_VARIANTS)
+
+
 @dataclass
 class DiffusionParts:
-    """The parts of a Stable Diffusion stack, frozen and in eval mode.
+    """The parts of a diffusion stack, frozen and in eval mode.
+
+    Two families, named by :attr:`variant`: Stable Diffusion 1.x / 2.x / XL (a UNet, DDIM) and
+    the diffusion transformers SD3 / SD3.5 (``"sd3"``) and Flux (``"flux"``), with a
+    flow-matching scheduler. The fields are diffusers' pipeline attribute names, so
+    :meth:`pipeline` passes them as they are.
 
     Attributes:
-        unet: a ``UNet2DConditionModel``.
+        unet: a ``UNet2DConditionModel``; ``None`` on a DiT stack (``"sd3"``, ``"flux"``),
+            whose network is :attr:`transformer`. Code that serves both reads
+            :attr:`denoiser`.
         vae: an ``AutoencoderKL``; its downsampling factor is
             ``2 ** (len(vae.config.block_out_channels) - 1)`` (8 for SD, 2 for the tiny VAE).
-        text_encoder: ``CLIPTextModel`` (SD1.x/2.x; real SDXL's first encoder) or
-            ``CLIPTextModelWithProjection`` (the tiny SDXL stack's only encoder).
+        text_encoder: ``CLIPTextModel`` (SD1.x/2.x; real SDXL's first encoder; Flux's CLIP-L),
+            or ``CLIPTextModelWithProjection`` (the tiny SDXL stack's only encoder; SD3's CLIP-L).
         tokenizer: the matching ``CLIPTokenizer``.
-        scheduler: a ``DDIMScheduler`` (built from the folder's scheduler config whatever
-            class it names; ``prediction_type`` is kept).
-        variant: ``"sd15"``, ``"sd2"`` or ``"sdxl"``.
+        scheduler: UNet stacks: a ``DDIMScheduler`` (built from the folder's scheduler config
+            whatever class it names; ``prediction_type`` is kept). DiT stacks: a
+            ``FlowMatchEulerDiscreteScheduler`` (only its config is read by
+            :func:`~attnpatch.diffusion.flow_denoise`; the pipeline of :meth:`pipeline` steps it).
+        variant: ``"sd15"``, ``"sd2"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``.
         text_encoder_2, tokenizer_2: real SDXL's second, projecting encoder and its tokenizer;
-            ``None`` otherwise. Pass :attr:`tokenizers` / :attr:`text_encoders` to
-            :func:`attnpatch.encode_prompt` to handle both cases.
+            SD3's CLIP-G (``CLIPTextModelWithProjection``); Flux's T5 (``T5EncoderModel``) and
+            its ``T5TokenizerFast``; ``None`` otherwise.
+        transformer: SD3's ``SD3Transformer2DModel`` or Flux's ``FluxTransformer2DModel``;
+            ``None`` on UNet stacks.
+        text_encoder_3, tokenizer_3: SD3's T5 (``T5EncoderModel``, ``T5TokenizerFast``);
+            ``None`` otherwise.
 
+    Pass :attr:`tokenizers` / :attr:`text_encoders` (every one, in the pipeline's order) to
+    :func:`attnpatch.encode_prompt` and :attr:`tokenizers` to :func:`attnpatch.token_indices`
+    to handle every stack alike.
     """
 
     unet: Any
@@ -71,16 +95,33 @@ class DiffusionParts:
     variant: str = "sd15"
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    transformer: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     @property
     def tokenizers(self) -> tuple[Any, ...]:
-        """``(tokenizer,)`` or ``(tokenizer, tokenizer_2)``."""
-        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+        """The tokenizers in the pipeline's order: ``(tokenizer,)``, ``(tokenizer,
+        tokenizer_2)`` (SDXL, Flux) or ``(tokenizer, tokenizer_2, tokenizer_3)`` (SD3)."""
+        both = (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
+        return tuple(t for t in both if t is not None)
 
     @property
     def text_encoders(self) -> tuple[Any, ...]:
-        """``(text_encoder,)`` or ``(text_encoder, text_encoder_2)``."""
-        return tuple(t for t in (self.text_encoder, self.text_encoder_2) if t is not None)
+        """The text encoders in the pipeline's order, as :attr:`tokenizers`."""
+        both = (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+        return tuple(t for t in both if t is not None)
+
+    @property
+    def is_dit(self) -> bool:
+        """Whether the network is a transformer (``variant`` ``"sd3"`` or ``"flux"``)."""
+        return self.variant in DIT_VARIANTS
+
+    @property
+    def denoiser(self) -> Any:
+        """The network the denoising loop calls: :attr:`transformer` on DiT stacks, else
+        :attr:`unet`."""
+        return self.transformer if self.is_dit else self.unet
 
     @property
     def vae_scale_factor(self) -> int:
@@ -88,8 +129,8 @@ class DiffusionParts:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def modules(self) -> list[nn.Module]:
-        """The networks: unet, vae and the text encoder(s)."""
-        return [self.unet, self.vae, *self.text_encoders]
+        """The networks: the UNet or transformer, the VAE and the text encoder(s)."""
+        return [self.denoiser, self.vae, *self.text_encoders]
 
     def to(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -101,12 +142,41 @@ class DiffusionParts:
         return self
 
     def pipeline(self):
-        """A diffusers ``StableDiffusionPipeline`` (SD1.x / SD2.x) from these parts."""
+        """The diffusers pipeline of these parts, on the same objects: a
+        ``StableDiffusionPipeline`` (SD1.x / SD2.x), ``StableDiffusion3Pipeline`` (``"sd3"``) or
+        ``FluxPipeline`` (``"flux"``). Its ``__call__`` steps :attr:`scheduler`."""
+        if self.variant == "sd3":
+            from diffusers import StableDiffusion3Pipeline
+
+            return StableDiffusion3Pipeline(
+                transformer=self.transformer,
+                scheduler=self.scheduler,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer_2=self.tokenizer_2,
+                text_encoder_3=self.text_encoder_3,
+                tokenizer_3=self.tokenizer_3,
+            )
+        if self.variant == "flux":
+            from diffusers import FluxPipeline
+
+            return FluxPipeline(
+                scheduler=self.scheduler,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer_2=self.tokenizer_2,
+                transformer=self.transformer,
+            )
         from diffusers import StableDiffusionPipeline
 
         if self.variant == "sdxl":
-            raise AttnPatchError(
-                "pipeline() builds SD1.x/2.x pipelines only; for SDXL use the parts directly"
+            raise ModelError(
+                "pipeline() builds SD1.x/2.x, SD3 and Flux pipelines; for SDXL use the parts "
+                "directly"
             )
         return StableDiffusionPipeline(
             vae=self.vae,

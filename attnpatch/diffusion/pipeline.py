@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._util import as_pair
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ModelError
 from ..hooks import (
     AttentionControl,
     AttentionStore,
@@ -120,6 +120,12 @@ class AttentionPipeline:
                 f"AttentionPipeline needs a DiffusionParts, got {type(parts).__name__}; pass "
                 "attnpatch.load_diffusion(...) or DiffusionParts(unet, vae, text_encoder, "
                 "tokenizer, scheduler)"
+            )
+        if parts.is_dit:
+            raise ModelError(
+                f"AttentionPipeline runs UNet stacks (sd15, sd2, sdxl) so far, got a "
+                f"{parts.variant!r} stack; for SD3 / Flux call flow_invert / flow_denoise on "
+                "parts.transformer (attnpatch.diffusion), or load a UNet stack such as 'shapes'"
             )
         # checks the schedule now, before any work (same rules as the loops)
         ddim_timesteps(

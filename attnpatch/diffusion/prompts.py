@@ -1,18 +1,18 @@
 """Prompt embeddings, token positions, the class prompt, and SDXL's extra conditioning.
 
-* :func:`encode_prompt` turns prompts into the UNet's ``encoder_hidden_states`` and the
-  unconditional (empty-prompt) ones, as diffusers' pipelines do. It is a plain function: encode
-  a fixed set of prompts once where they are known (the trainer encodes its class prompts at
-  construction) and index the rows (:meth:`PromptEmbeds.take`).
-* :func:`token_indices` finds a word's token positions in the padded sequence, which index the
-  last axis of cross-attention maps ``(..., H*W, 77)``.
+* :func:`encode_prompt` turns prompts into the model's text conditioning and the
+  unconditional (empty-prompt) one, as diffusers' pipelines do (SD1.x/2.x, SDXL, SD3, Flux;
+  SD3's and Flux's in :mod:`._text_stack`). It is a plain function: encode a fixed set of
+  prompts once where they are known (the trainer encodes its class prompts at construction)
+  and index the rows (:meth:`PromptEmbeds.take`).
+* :func:`token_indices` (in :mod:`.tokens`, re-exported here) finds a word's token positions
+  in the padded sequence, which index the last axis of text-attention maps.
 * :func:`class_prompt` fills a template such as :data:`PROMPT_TEMPLATE` with a class name.
 * :func:`sdxl_added_cond_kwargs` builds ``{"text_embeds", "time_ids"}`` for SDXL-style UNets.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import AttnPatchError
+from ._text_stack import encode_dit, module_device, stack_kind
+from .tokens import token_indices
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -84,12 +86,6 @@ def _as_list(obj: Any) -> list[Any]:
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for p in itertools.chain(module.parameters(), module.buffers()):
-        return p.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def _encode(
     tokenizers: tuple[Any, ...], text_encoders: tuple[nn.Module, ...], texts: list[str]
@@ -109,7 +105,7 @@ def _encode(
         tokens = tokenizer(
             texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
         )
-        out = encoder(tokens.input_ids.to(_module_device(encoder)), output_hidden_states=True)
+        out = encoder(tokens.input_ids.to(module_device(encoder)), output_hidden_states=True)
         sdxl = sdxl or getattr(out, "text_embeds", None) is not None
         outputs.append(out)
     pooled = next(
@@ -128,18 +124,23 @@ def encode_prompt(
     prompts: str | Sequence[str],
     *,
     negative_prompt: str | Sequence[str] = "",
+    max_sequence_length: int | None = None,
 ) -> PromptEmbeds:
     """Prompt embeddings and unconditional embeddings, as diffusers' pipelines compute them.
 
     Args:
-        tokenizer: a CLIP tokenizer, or a sequence of them (SDXL: ``(pipe.tokenizer,
-            pipe.tokenizer_2)``), one per text encoder.
+        tokenizer: a CLIP tokenizer, or all of a stack's tokenizers in the pipeline's order
+            (``parts.tokenizers``; SDXL: ``(pipe.tokenizer, pipe.tokenizer_2)``, SD3: CLIP-L,
+            CLIP-G, T5; Flux: CLIP-L, T5), one per text encoder.
         text_encoder: the matching text encoder(s). Frozen: run under ``no_grad``, nothing
             flows back into them.
         prompts: one prompt or ``B`` prompts.
-        negative_prompt: the unconditional prompt, ``""`` by default (what SD1.x/2.x pipelines
-            use; SDXL pipelines default to *zeros* instead, ``force_zeros_for_empty_prompt``);
-            one string for the batch or ``B`` strings.
+        negative_prompt: the unconditional prompt, ``""`` by default (what SD1.x/2.x and SD3
+            pipelines use; SDXL pipelines default to *zeros* instead,
+            ``force_zeros_for_empty_prompt``; Flux's true CFG needs an explicit negative
+            prompt); one string for the batch or ``B`` strings.
+        max_sequence_length: SD3 / Flux: the padded length of the T5 part; default the
+            pipelines' (SD3 256, Flux 512). Ignored by CLIP stacks.
 
     Each distinct text is encoded once, all in one text-encoder call per encoder.
 
@@ -148,8 +149,12 @@ def encode_prompt(
         ``(B, 77, D)`` from the last layer (after its final layer norm), ``pooled=None``. SDXL
         (several encoders, or a ``CLIPTextModelWithProjection``): the penultimate layer of each
         encoder concatenated on the last axis, and ``pooled`` ``(B, P)`` the ``text_embeds`` of
-        the first projecting encoder. Tensors have no graph and sit on the text encoder's
-        device.
+        the first projecting encoder. SD3 (``StableDiffusion3Pipeline.encode_prompt``):
+        ``(B, 77 + T, D_t5)``, both CLIPs' penultimate layers concatenated and zero-padded to
+        T5's width, then T5's last layer (``T = max_sequence_length``); ``pooled`` ``(B,
+        P_l + P_g)`` both CLIPs' ``text_embeds``. Flux (``FluxPipeline.encode_prompt``): T5's
+        last layer ``(B, T, D_t5)``; ``pooled`` ``(B, D_clip)`` CLIP's ``pooler_output``.
+        Tensors have no graph and sit on the (last) text encoder's device.
 
     >>> from attnpatch.testing import tiny_text_encoder, tiny_tokenizer
     >>> e = encode_prompt(tiny_tokenizer(), tiny_text_encoder(), ["a cat", "a dog"])
@@ -177,124 +182,16 @@ def encode_prompt(
             f"(a string) or {b}"
         )
     texts = list(dict.fromkeys(prompt_list + negatives))  # each distinct text once
-    hidden, pooled = _encode(tokenizers, encoders, texts)
+    kind = stack_kind(tokenizers)
+    if kind == "clip":
+        hidden, pooled = _encode(tokenizers, encoders, texts)
+    else:
+        hidden, pooled = encode_dit(kind, tokenizers, encoders, texts, max_sequence_length)
     row = {text: i for i, text in enumerate(texts)}
     embeds = PromptEmbeds(hidden, hidden, pooled, pooled)
     cond = embeds.take([row[t] for t in prompt_list])
     uncond = embeds.take([row[t] for t in negatives] * (b if len(negatives) == 1 else 1))
     return PromptEmbeds(cond.cond, uncond.uncond, cond.pooled, uncond.uncond_pooled)
-
-
-# ----------------------------------------------------------------------------- token_indices
-
-_END_OF_WORD = "</w>"  # CLIP's BPE marks the last piece of each pre-tokenized word
-
-
-def _ids_and_spans(
-    tokenizer: Any, text: str, **kwargs: Any
-) -> tuple[list[int], list[tuple[int, int]] | None]:
-    """Unpadded, untruncated ids of ``text`` and each token's ``(start, end)`` character span
-    in it (``None`` from a tokenizer without offsets, i.e. a slow one)."""
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(text, return_offsets_mapping=True, verbose=False, **kwargs)
-        return list(enc.input_ids), [tuple(span) for span in enc.offset_mapping]
-    return list(tokenizer(text, verbose=False, **kwargs).input_ids), None
-
-
-def _splits_a_word(text: str, start: int, end: int) -> bool:
-    """Whether the character span ``[start, end)`` of ``text`` begins or ends between two
-    letters or digits (``"cat"`` in ``"tomcat"``, ``"2"`` in ``"12"``)."""
-    before = 0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum()
-    after = 0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum()
-    return before or after
-
-
-def token_indices(
-    tokenizer: Any, prompt: str, word: str, *, all_occurrences: bool = False
-) -> list[int]:
-    """Positions of ``word``'s tokens in ``prompt``'s padded token sequence.
-
-    The positions index the token axis of the text embeddings ``(B, 77, D)`` and of
-    cross-attention maps ``(..., H*W, 77)``: BOS is at 0, the prompt's first token at 1.
-
-    Rules (checked on SD's real CLIP tokenizer, ``attnpatch.testing.clip_tokenizer()``):
-
-    * **Several tokens**: a word CLIP splits into BPE pieces (``"goldfinch"`` -> ``gold``,
-      ``finch</w>``) or a phrase (``"traffic light"``, ``"tabby cat"``) returns all its
-      positions, in order.
-    * **Case and spacing** do not matter: the word is tokenized as the prompt is (CLIP
-      lowercases and collapses whitespace), so ``"Cat"`` finds ``"cat"``.
-    * **Punctuation** is its own token in CLIP, so ``"cat"`` is found in ``"a cat."``,
-      ``"cat,"`` and ``"cat's"`` (the ``.``, ``,``, ``'s`` positions are not returned); a word
-      given with punctuation (``"cat."``) must match the prompt's punctuation run exactly.
-    * **Whole words**: the tokens must match *and* the match must start and end at word
-      boundaries, so ``"cat"`` is not found in ``"tomcat"`` (``tom``, ``cat</w>``) and ``"2"``
-      is not found in ``"12"``. The boundary is read from the character offsets of a fast
-      tokenizer (the class SD loads): a match that starts or ends between two letters or digits
-      of the prompt is inside a word. (The end-of-word mark ``</w>`` alone is not enough:
-      CLIP gives every digit its own ``</w>``, so ``"2"`` used to be found inside ``"12"``.)
-      Slow tokenizers, which have no offsets, use the ``</w>`` rule only.
-    * **Repeated words**: the first occurrence by default; ``all_occurrences=True`` returns the
-      positions of every occurrence, concatenated in order.
-    * **The length limit** (77 for CLIP): :func:`encode_prompt` truncates as diffusers does, to
-      BOS, the first ``model_max_length - 2`` tokens, EOS, so positions 1..75 survive and a
-      word whose tokens reach position 76 or beyond (even partly) is truncated away. For the
-      first occurrence that is an error; with ``all_occurrences=True`` the truncated
-      occurrences are left out with a warning (an error if none is left).
-
-    Raises :class:`AttnPatchError` when the word is not in the prompt (the message lists the
-    prompt's words) or lies past the tokenizer's length limit.
-
-    >>> from attnpatch.testing import tiny_tokenizer
-    >>> token_indices(tiny_tokenizer(), "a photo of a cat", "cat")
-    [5]
-    """
-    if not isinstance(word, str) or not word.strip():
-        raise AttnPatchError(f"word must be a non-empty string, got {word!r}; pass e.g. 'cat'")
-    full, spans = _ids_and_spans(tokenizer, prompt)  # with BOS and EOS
-    target, _ = _ids_and_spans(tokenizer, word, add_special_tokens=False)
-    if not target:
-        raise AttnPatchError(f"word {word!r} has no tokens; pass a word of the prompt, e.g. 'cat'")
-    tokens = tokenizer.convert_ids_to_tokens(full)
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    marks_word_end = tokenizer.convert_ids_to_tokens(target[-1]).endswith(_END_OF_WORD)
-    n = len(target)
-    starts = []
-    for i in range(len(full) - n + 1):
-        if full[i : i + n] != target:
-            continue
-        mid_word = (  # the previous BPE piece does not end its word
-            marks_word_end
-            and i > 0
-            and full[i - 1] not in special
-            and not tokens[i - 1].endswith(_END_OF_WORD)
-        )
-        if mid_word or (
-            spans is not None and _splits_a_word(prompt, spans[i][0], spans[i + n - 1][1])
-        ):
-            continue  # e.g. "cat" in "tomcat", "2" in "12"
-        starts.append(i)
-    if not starts:
-        raise AttnPatchError(
-            f"word {word!r} is not in the prompt {prompt!r} (its words: {prompt.split()}); pass "
-            "one of these words, spelled as in the prompt"
-        )
-    max_len = tokenizer.model_max_length
-    kept = [s for s in starts if s + n - 1 < max_len - 1]  # the last slot holds EOS
-    if not kept:  # starts ascend: the first occurrence is truncated, so are all
-        raise AttnPatchError(
-            f"word {word!r} sits at token position {starts[0] + n - 1}, past the {max_len}-token "
-            "limit, and is truncated away; shorten the prompt or move the word forward"
-        )
-    if all_occurrences and len(kept) < len(starts):
-        warnings.warn(
-            f"{len(starts) - len(kept)} of the {len(starts)} occurrences of {word!r} lie past the "
-            f"{max_len}-token limit and are truncated away; only the first {len(kept)} are "
-            "returned",
-            stacklevel=2,
-        )
-    positions = [s + j for s in (kept if all_occurrences else kept[:1]) for j in range(n)]
-    return positions
 
 
 # ----------------------------------------------------------------------------- SDXL

@@ -4,8 +4,11 @@
   :func:`register_classifier`, :func:`register_diffusion`, the built-in ``"tiny*"`` names.
 * :mod:`.classifier` — :class:`NormalizedClassifier`, :func:`probe_classifier`, torchvision /
   timm builders, local weights files.
-* :mod:`.diffusion` — :func:`load_diffusers_folder`, DDIM conversion, variant detection.
-* :mod:`.tiny` — the tiny offline SD stacks (re-exported by :mod:`attnpatch.testing`).
+* :mod:`.diffusion` — :func:`load_diffusers_folder`, DDIM conversion, variant detection;
+  :mod:`.dit` — SD3 / Flux folders, their checks and flow-matching scheduler.
+* :mod:`.tiny` — the tiny offline SD stacks; :mod:`.tiny_dit` — the tiny SD3 and Flux stacks
+  (``"tiny-sd3"``, ``"tiny-flux"``); :mod:`.t5_unigram` — a T5-convention tokenizer estimated
+  from the shapes captions (all re-exported by :mod:`attnpatch.testing`).
 * :mod:`.shapes_sd` — the ``"shapes"`` stack: a tiny SD trained on the shapes world, shipped
   in ``weights/shapes/`` (the embedded default); :mod:`.train_shapes` reproduces it
   (``python -m attnpatch.models.train_shapes --out DIR``); :mod:`.shapes_eval` measures what

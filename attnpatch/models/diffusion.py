@@ -1,8 +1,10 @@
 """Diffusion stacks in one fixed form: local diffusers folders, conversion and checks.
 
-:func:`load_diffusers_folder` reads a model folder offline; :func:`as_parts` turns whatever a
-factory returned into a :class:`~attnpatch.diffusion.DiffusionParts` with a ``DDIMScheduler``,
-every network frozen and in eval mode, and the text encoder width(s) checked against the UNet.
+:func:`load_diffusers_folder` reads a model folder offline (SD1.x / SD2.x / SDXL here; SD3 and
+Flux folders, which hold ``transformer/``, in :mod:`.dit`); :func:`as_parts` turns whatever a
+factory returned into a :class:`~attnpatch.diffusion.DiffusionParts` with a ``DDIMScheduler``
+(UNet stacks) or a ``FlowMatchEulerDiscreteScheduler`` (DiT stacks), every network frozen and
+in eval mode, and the text encoder width(s) checked against the network.
 """
 
 from __future__ import annotations
@@ -16,37 +18,64 @@ import torch
 
 from .._util import freeze
 from ..diffusion import DiffusionParts, part_dtypes
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ModelError
+from .dit import check_dit_parts, dit_variant, load_dit_folder, to_flow_scheduler
 
 __all__ = ["load_diffusers_folder", "as_parts", "detect_variant"]
 
 _PART_FIELDS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_DIT_FIELDS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def as_parts(obj: Any, spec: Any) -> DiffusionParts:
     """``obj`` (a ``DiffusionParts`` or any object with its fields) -> a checked ``DiffusionParts``.
 
-    The scheduler becomes a ``DDIMScheduler``, every network is frozen and in eval mode, a
-    missing ``variant`` is read from the UNet config (:func:`detect_variant`). ``spec`` names
-    the source in errors: missing fields, text encoder width(s) that do not add up to the UNet's
-    ``cross_attention_dim``, an unknown variant.
+    The scheduler becomes a ``DDIMScheduler`` (UNet stacks) or a
+    ``FlowMatchEulerDiscreteScheduler`` (DiT stacks: ``transformer`` set), every network is
+    frozen and in eval mode, a missing ``variant`` is read from the UNet config
+    (:func:`detect_variant`) or the transformer's class. ``spec`` names the source in errors:
+    missing fields, text encoder width(s) that do not fit the network, an unknown variant. A
+    diffusers pipeline object (``StableDiffusion3Pipeline``, ``FluxPipeline``, SD pipelines)
+    has these fields too.
     """
     if isinstance(obj, DiffusionParts):
         parts = obj
     else:
-        missing = [f for f in _PART_FIELDS if getattr(obj, f, None) is None]
+        dit = getattr(obj, "transformer", None) is not None
+        needed = _DIT_FIELDS if dit else _PART_FIELDS
+        missing = [f for f in needed if getattr(obj, f, None) is None]
         if missing:
-            raise AttnPatchError(
+            raise ModelError(
                 f"diffusion spec {spec!r} gave a {type(obj).__name__} without {missing}; return "
-                "a DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, variant)"
+                "a DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, variant) (a DiT "
+                "stack: unet=None and transformer=...)"
             )
         kw = {f.name: getattr(obj, f.name, None) for f in fields(DiffusionParts)}
+        if dit:
+            kw["unet"] = None
+        kw["variant"] = kw["variant"] or (dit_variant(obj.transformer) if dit else None)
         kw["variant"] = kw["variant"] or detect_variant(obj.unet)
         parts = DiffusionParts(**kw)
-    _to_ddim(parts)
+    if parts.is_dit:
+        if parts.transformer is None:
+            raise ModelError(
+                f"diffusion stack {spec!r}: variant {parts.variant!r} needs parts.transformer "
+                "(an SD3Transformer2DModel or FluxTransformer2DModel), got None"
+            )
+        if dit_variant(parts.transformer) != parts.variant:
+            raise ModelError(
+                f"diffusion stack {spec!r}: variant {parts.variant!r} does not match its "
+                f"{type(parts.transformer).__name__}; pass variant={dit_variant(parts.transformer)!r}"
+            )
+        to_flow_scheduler(parts)
+    else:
+        _to_ddim(parts)
     for m in parts.modules():
         freeze(m)
-    _check_parts(parts, spec)
+    if parts.is_dit:
+        check_dit_parts(parts, spec)
+    else:
+        _check_parts(parts, spec)
     return parts
 
 
@@ -77,9 +106,9 @@ def _check_parts(parts: DiffusionParts, spec: Any) -> None:
             "model (SDXL needs text_encoder and text_encoder_2)"
         )
     if parts.variant not in ("sd15", "sd2", "sdxl"):
-        raise AttnPatchError(
-            f"diffusion stack {spec!r}: variant must be 'sd15', 'sd2' or 'sdxl', got "
-            f"{parts.variant!r}"
+        raise ModelError(
+            f"diffusion stack {spec!r}: variant must be 'sd15', 'sd2' or 'sdxl' for a UNet "
+            f"('sd3' or 'flux' with a transformer), got {parts.variant!r}"
         )
 
 
@@ -89,7 +118,8 @@ def load_diffusers_folder(
     dtype: torch.dtype | None = None,
     torch_dtype: torch.dtype | str | None = None,
 ) -> DiffusionParts:
-    """Read a diffusers model folder offline (``local_files_only=True``): SD1.x, SD2.x, SDXL.
+    """Read a diffusers model folder offline (``local_files_only=True``): SD1.x, SD2.x, SDXL,
+    and SD3 / SD3.5 / Flux (a folder with ``transformer/``: :func:`.dit.load_dit_folder`).
 
     The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``
     (and for SDXL ``text_encoder_2/``, ``tokenizer_2/``): what ``save_pretrained`` writes, or
@@ -114,6 +144,15 @@ def load_diffusers_folder(
             f"{str(root)!r} is a single file; attnpatch reads diffusers model folders. Convert "
             "it once: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
         )
+    kw: dict[str, Any] = {"local_files_only": True}
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise AttnPatchError("pass torch_dtype= or dtype=, not both")
+        per_part = part_dtypes(torch_dtype)
+    else:
+        per_part = {"unet": dtype, "vae": dtype, "text_encoder": dtype}
+    if (root / "transformer").is_dir():
+        return load_dit_folder(root, per_part)
     needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     missing = [d for d in needed if not (root / d).is_dir()]
     if missing:
@@ -122,13 +161,6 @@ def load_diffusers_folder(
             f"folder that holds {needed} (e.g. from save_pretrained or huggingface-cli download "
             "--local-dir)"
         )
-    kw: dict[str, Any] = {"local_files_only": True}
-    if torch_dtype is not None:
-        if dtype is not None:
-            raise AttnPatchError("pass torch_dtype= or dtype=, not both")
-        per_part = part_dtypes(torch_dtype)
-    else:
-        per_part = {"unet": dtype, "vae": dtype, "text_encoder": dtype}
     dtype = per_part["text_encoder"]
     try:
         unet = UNet2DConditionModel.from_pretrained(

@@ -18,10 +18,11 @@ Specs a classifier can be loaded from:
 
 Diffusion stacks (:func:`load_diffusion`) come back as :class:`~attnpatch.diffusion.DiffusionParts`
 (unet, vae, text_encoder, tokenizer, scheduler as a ``DDIMScheduler``, variant, and SDXL's second
-text encoder): ``"shapes"`` (a tiny SD trained on the shapes world, shipped with the package:
-its attention means something; :mod:`.shapes_sd`), ``"tiny"`` / ``"tiny-sd2"`` /
-``"tiny-sdxl"`` (random weights, for fast tests), a local diffusers model folder, or a name
-added with :func:`register_diffusion`.
+text encoder; for SD3 / Flux a ``transformer``, ``unet=None``, their text encoders and a
+``FlowMatchEulerDiscreteScheduler``): ``"shapes"`` (a tiny SD trained on the shapes world,
+shipped with the package: its attention means something; :mod:`.shapes_sd`), ``"tiny"`` /
+``"tiny-sd2"`` / ``"tiny-sdxl"`` / ``"tiny-sd3"`` / ``"tiny-flux"`` (random weights, for fast
+tests), a local diffusers model folder, or a name added with :func:`register_diffusion`.
 
 The building blocks live beside this module: :mod:`.classifier` (the wrapper, the probe,
 torchvision / timm, weights files), :mod:`.diffusion` (folders, conversion, checks),
@@ -60,6 +61,7 @@ from .diffusion import as_parts, load_diffusers_folder
 from .shapes_classifier import TINY_CLASSIFIERS, tiny_factory
 from .shapes_sd import SHAPES_WEIGHTS, load_shapes_sd
 from .tiny import tiny_sd
+from .tiny_dit import tiny_flux, tiny_sd3
 
 __all__ = [
     "register_classifier",
@@ -313,7 +315,8 @@ def load_diffusion(
 
     Args:
         spec: a registered name (``"shapes"``, ``"tiny"`` = ``"tiny-sd15"``, ``"tiny-sd2"``,
-            ``"tiny-sdxl"``, or yours), a local diffusers model folder (see
+            ``"tiny-sdxl"``, ``"tiny-sd3"``, ``"tiny-flux"``, or yours), a local diffusers model
+            folder (SD1.x / 2.x / XL, SD3 / SD3.5, Flux; see
             :func:`load_diffusers_folder`), or a ``DiffusionParts``-like object.
             Hub ids are not downloaded: download once, pass the folder.
         device, dtype: where the networks go (``dtype`` is also the loading dtype of folders).
@@ -326,8 +329,11 @@ def load_diffusion(
             attention pipeline then keeps its loop, the stored maps and the images in float32.
         **kwargs: passed to a registered factory (the tiny ones take ``seed``).
 
-    Checks that the text encoder width(s) add up to the UNet's ``cross_attention_dim`` and
-    converts the scheduler to ``DDIMScheduler``.
+    Checks that the text encoder width(s) fit the network (the UNet's
+    ``cross_attention_dim``; the transformer's ``joint_attention_dim`` and
+    ``pooled_projection_dim``) and converts the scheduler to ``DDIMScheduler`` (UNet stacks) or
+    ``FlowMatchEulerDiscreteScheduler`` (SD3 / Flux stacks: ``"tiny-sd3"``, ``"tiny-flux"``,
+    their folders; ``parts.transformer`` holds the network and ``parts.unet`` is ``None``).
     """
     if torch_dtype is not None and dtype is not None:
         raise AttnPatchError(
@@ -366,7 +372,7 @@ def load_diffusion(
         # stack built in code cannot do (and none of these parts has fp32-only modules)
         for module in parts.text_encoders:
             nn.Module.to(module, per_part["text_encoder"])
-        nn.Module.to(parts.unet, per_part["unet"])
+        nn.Module.to(parts.denoiser, per_part["unet"])
         nn.Module.to(parts.vae, per_part["vae"])
     return parts
 
@@ -403,3 +409,5 @@ register_diffusion("tiny", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd15", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd2", _tiny_diffusion("sd2"))
 register_diffusion("tiny-sdxl", _tiny_diffusion("sdxl"))
+register_diffusion("tiny-sd3", tiny_sd3)
+register_diffusion("tiny-flux", tiny_flux)

@@ -27,7 +27,15 @@ def test_doctests():
 
 def test_built_in_names():
     assert "tiny" in classifier_names()
-    assert diffusion_names() == ["shapes", "tiny", "tiny-sd15", "tiny-sd2", "tiny-sdxl"]
+    assert diffusion_names() == [
+        "shapes",
+        "tiny",
+        "tiny-flux",
+        "tiny-sd15",
+        "tiny-sd2",
+        "tiny-sd3",
+        "tiny-sdxl",
+    ]
 
 
 # --------------------------------------------------------------------------- registration
@@ -73,8 +81,8 @@ def test_registry_errors(bn_net):
         load_classifier("not-a-module")
     with pytest.raises(AttnPatchError, match="must be a name"):
         load_classifier(42)
-    with pytest.raises(AttnPatchError, match="unknown diffusion stack 'tiny-sd3'.*tiny-sd2"):
-        load_diffusion("tiny-sd3")
+    with pytest.raises(AttnPatchError, match="unknown diffusion stack 'tiny-sd4'.*tiny-sd3"):
+        load_diffusion("tiny-sd4")
     with pytest.raises(AttnPatchError, match="hub id.*huggingface-cli download"):
         load_diffusion("stabilityai/stable-diffusion-2-1-base")
 
