@@ -12,11 +12,12 @@ from attnpatch.data import (
     ImageFolder,
     ShapesConfig,
     TensorImageDataset,
+    read_image,
     shapes_dataset,
     write_image_folder,
 )
 from attnpatch.data import folder as data
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import AttnPatchError, DataError
 
 
 def _write_png(path, array: np.ndarray) -> None:
@@ -177,13 +178,14 @@ def test_bad_sources_raise_naming_the_problem(tmp_path):
         ImageFolder(tmp_path / "loose", size=8, resize="pad")
 
 
-def test_truncated_file_fails_on_decode_naming_it(tmp_path):
+def test_truncated_file_fails_up_front_naming_it(tmp_path, raises):
     path = tmp_path / "r" / "a" / "t.png"
     _write_png(path, np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:200])  # header intact, pixel data cut
-    ds = ImageFolder(tmp_path / "r", size=8)
-    with pytest.raises(AttnPatchError, match=r"t\.png"):
-        ds[0]
+    with raises(DataError, "t.png", "not readable"):  # was: at the first decode, mid-run
+        ImageFolder(tmp_path / "r", size=8)
+    with raises(DataError, "t.png", "re-save"):
+        read_image(path)
 
 
 def test_csv_errors_name_file_and_line(folder, tmp_path):

@@ -126,7 +126,8 @@ def test_diffusion_scheduler_converted_and_dtype(tmp_path):
     folder = save_tiny_sd(sd, tmp_path / "m")
     # SD folders ship other scheduler classes; attnpatch reads the config as DDIM.
     EulerDiscreteScheduler.from_config(sd.scheduler.config).save_pretrained(f"{folder}/scheduler")
-    parts = load_diffusion(folder, dtype=torch.float64)
+    with pytest.warns(FutureWarning, match=r"dtype=.*0\.3\.0.*torch_dtype="):
+        parts = load_diffusion(folder, dtype=torch.float64)  # the older switch: still works
     assert type(parts.scheduler).__name__ == "DDIMScheduler"
     assert parts.scheduler.config.beta_schedule == "scaled_linear"
     assert all(p.dtype == torch.float64 for m in parts.modules() for p in m.parameters())

@@ -15,7 +15,7 @@ from matplotlib.image import AxesImage
 from PIL import Image
 
 from attnpatch import viz
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import AttnPatchError, InputError
 
 
 def _images(ax) -> list[AxesImage]:
@@ -106,6 +106,16 @@ def test_attention_maps_one_panel_and_colour_bar_per_map():
         assert shown.norm.vmax == pytest.approx(float(amap.max()))
         assert title in ax.get_title() and "'circle'" in ax.get_title()
     assert "'circle'" in fig.get_suptitle()
+
+
+def test_attention_maps_without_titles(raises):
+    # was: "cannot unpack non-iterable Tensor object"
+    maps = [torch.rand(4, 4), torch.rand(4, 4)]
+    fig = viz.attention_maps(torch.rand(3, 8, 8), maps, "x")
+    titles = [ax.get_title() for ax in _panels(fig)[1:]]
+    assert titles == ["'x' map 0", "'x' map 1"]
+    with raises(InputError, "maps[0]", "(title, tensor)"):
+        viz.attention_maps(torch.rand(3, 8, 8), [("a", "b", "c")], "x")
 
 
 def test_attention_maps_refuse_bad_inputs():
