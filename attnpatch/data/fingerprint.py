@@ -46,8 +46,7 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
             h.update(f"{rel}\0{label}\0{size}\n".encode())
     elif hasattr(dataset, "images") and hasattr(dataset, "labels"):  # in memory
         images, label_t = dataset.images, dataset.labels
-        h.update(str(tuple(images.shape)).encode())
-        h.update(images.detach().cpu().contiguous().to(torch.float32).numpy().tobytes())
+        _update(h, images)
         labels = [int(v) for v in label_t.tolist()]
         h.update(repr(labels).encode())
     else:  # any other set: its items
@@ -55,7 +54,7 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
         for i in range(len(dataset)):
             image, label = dataset[i]
             labels.append(int(label))
-            h.update(torch.as_tensor(image).detach().cpu().float().numpy().tobytes())
+            _update(h, torch.as_tensor(image))
         h.update(repr(labels).encode())
     counts = Counter(labels)
     per_class = {name: counts.get(i, 0) for i, name in enumerate(classes)}
@@ -65,6 +64,14 @@ def fingerprint(dataset: Any) -> dict[str, Any]:
         "per_class": per_class,
         "sha256": h.hexdigest(),
     }
+
+
+def _update(h: Any, tensor: torch.Tensor) -> None:
+    """Hash a tensor's dtype, shape and bytes (no copy when it is contiguous on the CPU)."""
+    t = tensor.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def describe_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:

@@ -18,6 +18,7 @@ from PIL import Image
 import attnpatch as ap
 from attnpatch.cli import main
 from attnpatch.data import ImageFolder, read_image
+from attnpatch.errors import InputError
 
 FAST = [  # a run that is cheap enough to build for every row
     "--train.iterations",
@@ -375,7 +376,7 @@ def test_controller_returning_a_wrong_shape_or_nan(parts, edit, message):
 )
 def test_pipeline_images(parts, images, message):
     pipe = ap.AttentionPipeline(parts, image_size=32)
-    with pytest.raises(ap.AttnPatchError, match=message):
+    with pytest.raises(InputError, match=message):  # check_image's layout or range error
         pipe(images, ["a circle"])
 
 

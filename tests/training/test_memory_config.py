@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnpatch as ap
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ConfigError
 from attnpatch.training import load_config
 from attnpatch.training.trainer import attention_pipeline
 
@@ -46,7 +46,7 @@ def test_memory_reaches_the_pipeline(parts, overrides, expected):
     ],
 )
 def test_bad_values_are_refused(overrides, needle):
-    with pytest.raises(AttnPatchError, match=needle):
+    with pytest.raises(ConfigError, match=needle):
         load_config(None, overrides)
 
 
