@@ -23,6 +23,7 @@ from ..patch import MASK_SHAPES, POSITIONS
 
 __all__ = [
     "validate_config",
+    "pipeline_memory",
     "check_device",
     "OPTIMIZERS",
     "LOGGERS",
@@ -41,6 +42,14 @@ CROSS_LOSSES = ("variance", *REGION_MODES)
 DTYPES = ("float32", "float16", "bfloat16")
 #: The most CPU threads ``train.threads`` may ask for.
 MAX_THREADS = 1024
+
+
+def pipeline_memory(attention: Any) -> str | None:
+    """``AttentionPipeline(memory=...)`` for an ``[attention]`` section: ``"auto"`` is ``None``
+    (the device's default), or ``"balanced"`` with the deprecated ``checkpoint: true``."""
+    if attention.memory == "auto":
+        return "balanced" if attention.checkpoint else None
+    return attention.memory
 
 
 def _require(ok: bool, problem: str, fix: str = "") -> None:
@@ -190,5 +199,9 @@ def validate_config(cfg: Any) -> None:
         "attack.targeted is on but attack.target is empty",
         "set attack.target to a class name",
     )
+    check_weights = getattr(cfg.weights, "check", None)  # a WeightsConfig that checks itself
+    if check_weights is not None:
+        check_weights()
+        return
     for name, w in dataclasses.asdict(cfg.weights).items():
         _require(w >= 0, f"weights.{name} must be >= 0, got {w}")

@@ -63,6 +63,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import TrainConfig, config_to_dict
+from .config_checks import pipeline_memory
 from .distributed import SINGLE, Dist, agreed
 from .interrupt import CtrlC, Stopped
 from .labels import class_indices
@@ -86,8 +87,7 @@ def attention_pipeline(config: TrainConfig, parts: DiffusionParts) -> AttentionP
         image_size=a.diffusion_size or config.data.image_size,
         cross_resolution=a.cross_resolution or None,
         self_resolutions=a.self_resolutions or None,
-        memory=None if a.memory == "auto" else a.memory,
-        checkpoint=True if a.checkpoint else None,
+        memory=pipeline_memory(a),
     )
 
 
