@@ -140,7 +140,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .training import add_config_flags
+    from .training import LOGGERS, add_config_flags
 
     train = sub.add_parser(
         "train",
@@ -157,7 +157,7 @@ def _add_train(sub) -> None:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument(
         "--log",
-        choices=("none", "tensorboard", "wandb"),
+        choices=LOGGERS,
         default=None,
         help="also log metrics and images to TensorBoard or W&B, under train.out_dir/logs "
         "(same as --train.log; default: the config's, 'none'; docs/logging.md)",

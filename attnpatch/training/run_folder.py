@@ -209,7 +209,8 @@ class RunFolder:
             self._fd, self._made_marker = fd, not existed
             record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(record).encode())
             return
         raise RunFolderError(f"cannot lock {marker}: it keeps being replaced; try again")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import attnpatch as ap
 from attnpatch.errors import ConfigError
@@ -142,6 +143,14 @@ def test_a_byte_order_mark_is_read(tmp_path, name):
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # what Windows editors write
     assert load_config(path).train.lr == 0.2
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_mps_without_mps_is_refused(raises):
+    with raises(ConfigError, "models.device", "mps", "'cpu'"):
+        config_from_dict({"models": {"device": "mps"}})
+    assert config_from_dict({"models": {"device": "cuda:1"}}).models.device == "cuda:1"  # parsed;
+    # whether this machine has it is checked when the run starts (resolve_device)
 
 
 def test_a_folder_as_the_config(tmp_path, raises):

@@ -12,11 +12,10 @@ from attnpatch.cli import main
 from attnpatch.data import ShapesConfig, TensorImageDataset, shapes_dataset, write_image_folder
 from attnpatch.errors import ConfigError, DataError, InputError
 from attnpatch.training import evaluate_patch
-from attnpatch.training.labels import class_indices
 
 
 class Named(nn.Module):
-    """Logits that put each image's mean red value on output ``classes.index("red")``."""
+    """Zero logits for classes it names (only the names matter here)."""
 
     def __init__(self, classes):
         super().__init__()
@@ -27,6 +26,8 @@ class Named(nn.Module):
 
 
 def test_classes_are_matched_by_name_not_position():
+    from attnpatch.training.labels import class_indices
+
     clf = Named(["dog", "cat", "bird"])
     assert class_indices(clf, ["bird", "cat", "dog"], 8).tolist() == [2, 1, 0]  # sorted folders
     assert class_indices(clf, ["cat", "kitty"], 8, {"kitty": "bird"}).tolist() == [1, 2]
@@ -42,11 +43,15 @@ def test_classes_are_matched_by_name_not_position():
     ],
 )
 def test_unknown_names_are_errors(raises, classes, class_map, error, words):
+    from attnpatch.training.labels import class_indices
+
     with raises(error, *words):
         class_indices(Named(["dog", "cat", "bird"]), classes, 8, class_map)
 
 
 def test_a_classifier_without_names_is_matched_by_count(raises):
+    from attnpatch.training.labels import class_indices
+
     plain = nn.Sequential(nn.Flatten(), nn.LazyLinear(3))
     assert class_indices(plain, ["x", "y", "z"], 8).tolist() == [0, 1, 2]
     with raises(DataError, "3 outputs", "2 classes"):

@@ -15,7 +15,8 @@ import pytest
 
 from attnpatch.cli import main
 from attnpatch.errors import ConfigError, RunFolderError
-from attnpatch.training.run_folder import MARKER, OUTPUTS, RunFolder
+
+MARKER = ".attnpatch-run"  # attnpatch.training.run_folder.MARKER (a test pins the name)
 
 FAST = [
     "--train.iterations", "2",
@@ -103,6 +104,10 @@ def test_a_refused_run_leaves_no_marker_or_folder(tmp_path, capsys):
 
 
 def test_outputs_are_the_names_the_run_writes(tmp_path):
+    from attnpatch.training.run_folder import MARKER as marker
+    from attnpatch.training.run_folder import OUTPUTS
+
+    assert marker == MARKER
     out = tmp_path / "run"
     assert main(["train", "--train.out_dir", str(out), *FAST]) == 0
     written = {p.name for p in out.iterdir()} - {MARKER}
@@ -151,6 +156,8 @@ def test_a_second_run_is_refused_at_once_and_a_killed_run_leaves_no_lock(
 
 
 def test_the_lock_is_released_when_the_block_ends(tmp_path, raises):
+    from attnpatch.training.run_folder import RunFolder
+
     out = tmp_path / "run"
     with RunFolder(out) as folder:
         folder.started()
