@@ -144,12 +144,17 @@ def test_sigterm_checkpoints_the_iteration_like_ctrl_c(tmp_path):
 def test_ctrl_c_handler_also_catches_sigterm_and_restores_both():
     from attnpatch.training.interrupt import CtrlC
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with CtrlC() as c:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)
-        assert c.pressed and c.signum == signal.SIGTERM
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    outside = []  # a SIGTERM that reaches this handler was not caught by the block
+    old = signal.signal(signal.SIGTERM, lambda *a: outside.append(1))
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        with CtrlC() as c:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        assert not outside and c.pressed and c.signum == signal.SIGTERM
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 # -- what a resume checks -----------------------------------------------------------------------
