@@ -93,7 +93,7 @@ def test_a_failing_figure_keeps_summary_json(tmp_path, capsys, monkeypatch):
 def test_stale_tmp_checkpoints_of_a_killed_run_are_cleaned(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--train.out_dir", str(out), *FAST, "--train.iterations", "2"]) == 0
-    stale = out / "checkpoints" / ".it-000003.tmp"  # as a SIGKILL mid-write leaves it
+    stale = out / "checkpoints" / ".it-000077.tmp"  # as a SIGKILL mid-write leaves it
     stale.mkdir()
     (stale / "state.pt").write_bytes(b"half")
     assert main(["train", "--train.out_dir", str(out), *FAST, "--resume"]) == 0
