@@ -13,6 +13,10 @@ Run folder (``train.out_dir``)::
     summary.json         the evaluation: clean accuracy, success rate, random-patch control
     checkpoints/         the latest checkpoint (resume with --resume)
     logs/                with train.log: TensorBoard event files or W&B runs (docs/logging.md)
+    .attnpatch-run       the marker: this folder is attnpatch's; locked while a run uses it
+
+Only these names are ever deleted or replaced, and only in a folder with the marker
+(:mod:`attnpatch.training.run_folder`).
 """
 
 from __future__ import annotations

@@ -178,10 +178,11 @@ def test_symlink_loops_and_broken_links_are_refused_before_the_models(tmp_path, 
 
 
 def test_tilde_in_out_dir_is_the_home_folder(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # a literal "~" folder would land here, not in the repo
     assert main(["train", "--train.out_dir", "~/run", *FAST]) == 0
-    assert (tmp_path / "run" / "summary.json").is_file()
-    assert not Path("~").exists()
+    assert (tmp_path / "home" / "run" / "summary.json").is_file()
+    assert not (tmp_path / "~").exists()
 
 
 def test_outputs_follow_the_umask(tmp_path):
