@@ -102,7 +102,8 @@ def test_config_values(tmp_path, capsys, flags, message):
 def test_classifier_weights_that_do_not_exist_are_an_error(tmp_path, capsys):
     # was: silently ignored (build_trainer never passed the field on)
     missing = str(tmp_path / "nothere.pt")
-    fails(capsys, ["train", "--models.classifier_weights", missing, *FAST], "nothere.pt' not found")
+    argv = ["train", "--train.out_dir", str(tmp_path / "run"), *FAST]  # not the cwd's runs/tiny
+    fails(capsys, [*argv, "--models.classifier_weights", missing], "nothere.pt' not found")
 
 
 def test_patch_larger_than_the_image(tmp_path, capsys):
