@@ -7,12 +7,17 @@ its flags; :func:`build_parser` lists them. A new verb is one more such pair.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 
-from .errors import AttnPatchError
+from .errors import AttnPatchError, ConfigError, DataError, ModelError, RunFolderError
 
 __all__ = ["main"]
+
+#: errno values of a write that failed for lack of space or permission.
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _trace_unet(spec: str):
@@ -34,7 +39,7 @@ def _trace_unet(spec: str):
 
         sub = os.path.join(spec, "unet") if os.path.isdir(os.path.join(spec, "unet")) else spec
         return UNet2DConditionModel.from_pretrained(sub, local_files_only=True)
-    raise AttnPatchError(
+    raise ModelError(
         f"unknown model {spec!r} for trace: use shapes, tiny, tiny-deep, tiny-sd2, tiny-sdxl, "
         f"{', '.join(testing.REFERENCE_UNET_CONFIGS)} (architectures on the meta device), or a "
         "local diffusers folder"
@@ -50,7 +55,7 @@ def _latent_size(text: str | None) -> int | tuple[int, int] | None:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or min(values, default=0) < 1:
-        raise AttnPatchError(
+        raise ConfigError(
             f"--latent must be a positive side or HxW (e.g. 64 or 64x48), got {text!r}"
         )
     return values[0] if len(values) == 1 else (values[0], values[1])
@@ -87,13 +92,25 @@ def _add_trace(sub) -> None:
     trace.set_defaults(func=_cmd_trace)
 
 
+def _one_config(paths: list[str] | None) -> str | None:
+    """The ``--config`` file; given twice or more, an error (the first would be ignored)."""
+    if not paths:
+        return None
+    if len(paths) > 1:
+        raise ConfigError(
+            f"--config is given {len(paths)} times ({', '.join(paths)}); pass one file (merge "
+            "them into one), and override single fields with --section.key VALUE"
+        )
+    return paths[0]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training import apply_flags, load_config, run_training
 
     overrides = apply_flags(args)
     if args.log:  # the fixed spelling of --train.log
         overrides["train.log"] = args.log
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(_one_config(args.config), overrides)
     if args.quiet:
         cfg.train.progress = False
     if int(os.environ.get("RANK", "0")) != 0:  # a data-parallel launch: process 0 reports
@@ -123,14 +140,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub) -> None:
-    from .training import add_config_flags
+    from .training import LOGGERS, add_config_flags
 
     train = sub.add_parser(
         "train",
         help="train a patch (no config: the embedded tiny default)",
         description="Train an adversarial patch. Every config field is a flag: --section.key VALUE.",
     )
-    train.add_argument("--config", default=None, help="YAML or TOML config file")
+    train.add_argument(
+        "--config", action="append", default=None, help="YAML, TOML or JSON config file (one)"
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
     train.add_argument(
         "--overwrite", action="store_true", help="replace a run already in train.out_dir"
@@ -138,7 +157,7 @@ def _add_train(sub) -> None:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument(
         "--log",
-        choices=("none", "tensorboard", "wandb"),
+        choices=LOGGERS,
         default=None,
         help="also log metrics and images to TensorBoard or W&B, under train.out_dir/logs "
         "(same as --train.log; default: the config's, 'none'; docs/logging.md)",
@@ -158,9 +177,9 @@ def _image_files(paths: list[str]) -> list[str]:
         elif os.path.isfile(p):
             files.append(p)
         else:
-            raise AttnPatchError(f"no image file or folder at {p!r}")
+            raise DataError(f"no image file or folder at {p!r}; pass image files or folders")
     if not files:
-        raise AttnPatchError(f"no images found in {paths}")
+        raise DataError(f"no images found in {paths}; pass folders holding image files")
     return files
 
 
@@ -172,6 +191,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     from .patch import AdversarialPatch
 
     patch = AdversarialPatch.load(args.patch)
+    _check_out_outside_inputs(args.out, args.images)
     files = _image_files(args.images)
     plan = _apply_plan(files, args.out)  # every check before the first image is written
     g = torch.Generator().manual_seed(args.seed)
@@ -184,13 +204,28 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_outside_inputs(out: str, inputs: list[str]) -> None:
+    """Refuse an ``--out`` that is an input folder or lies inside one: a second run would
+    patch the first run's outputs."""
+    target = os.path.realpath(out)
+    for p in inputs:
+        if not os.path.isdir(p):
+            continue
+        folder = os.path.realpath(p)
+        if target == folder or target.startswith(folder.rstrip(os.sep) + os.sep):
+            raise RunFolderError(
+                f"--out {out!r} lies inside the input folder {p!r}: its *_patched.png files "
+                "would be patched again by the next run; choose an --out outside the inputs"
+            )
+
+
 def _apply_plan(files: list[str], out: str) -> list[tuple[str, str]]:
     """``(image, destination)`` pairs, after checking that every image reads and every
     destination can be written (so a bad file fails the command before any output)."""
     from PIL import Image
 
     if os.path.exists(out) and not os.path.isdir(out):
-        raise AttnPatchError(f"--out {out!r} is a file; pass a folder (it is created if needed)")
+        raise RunFolderError(f"--out {out!r} is a file; pass a folder (it is created if needed)")
     bad = []
     for path in files:
         try:
@@ -199,7 +234,7 @@ def _apply_plan(files: list[str], out: str) -> list[tuple[str, str]]:
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
             bad.append(f"{path} ({type(e).__name__})")
     if bad:
-        raise AttnPatchError(
+        raise DataError(
             f"{len(bad)} of {len(files)} images cannot be read: {', '.join(bad[:5])}; delete or "
             "re-save them, nothing was written"
         )
@@ -209,15 +244,15 @@ def _apply_plan(files: list[str], out: str) -> list[tuple[str, str]]:
         dest = os.path.join(out, name)
         if name in seen or os.path.isdir(dest):
             why = "two inputs share this name" if name in seen else "it is a folder"
-            raise AttnPatchError(f"cannot write {dest!r}: {why}; choose another --out")
+            raise RunFolderError(f"cannot write {dest!r}: {why}; choose another --out")
         seen.add(name)
         plan.append((path, dest))
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
-        raise AttnPatchError(f"cannot create --out {out!r} ({e}); choose another folder") from None
+        raise RunFolderError(f"cannot create --out {out!r} ({e}); choose another folder") from None
     if not os.access(out, os.W_OK):
-        raise AttnPatchError(f"--out {out!r} is not writable; choose another folder")
+        raise RunFolderError(f"--out {out!r} is not writable; choose another folder")
     return plan
 
 
@@ -236,7 +271,7 @@ def _add_apply(sub) -> None:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .training import apply_flags, doctor, load_config
 
-    cfg = load_config(args.config, apply_flags(args))
+    cfg = load_config(_one_config(args.config), apply_flags(args))
     cfg.train.progress = False
     report = doctor(cfg, iterations=args.iterations)
     print(report)
@@ -252,7 +287,9 @@ def _add_doctor(sub) -> None:
         description="Checks gradient flow, the hijack, image ranges/layouts, every loss term, the "
         "accumulation counter and patch updates. Exit status 1 if a check fails.",
     )
-    doc.add_argument("--config", default=None, help="the same config as `attnpatch train`")
+    doc.add_argument(
+        "--config", action="append", default=None, help="the same config as `attnpatch train`"
+    )
     doc.add_argument("--iterations", type=int, default=None, help="default: K + 1")
     add_config_flags(doc)
     doc.set_defaults(func=_cmd_doctor)
@@ -327,9 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     except AttnPatchError as e:
         print(f"attnpatch: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a write that failed outside a run (apply, evaluate): one line too
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        print(
+            f"attnpatch: error: cannot write {e.filename or ''}: {e.strerror}; free space or "
+            "choose a writable folder",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt as e:  # the trainer checkpoints first and says where
-        print(f"attnpatch: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
-        return 130
+        name = "interrupted" if getattr(e, "signum", signal.SIGINT) == signal.SIGINT else "stopped"
+        print(f"attnpatch: {name}{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", signal.SIGINT))
 
 
 if __name__ == "__main__":

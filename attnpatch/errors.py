@@ -4,15 +4,19 @@ Every error attnpatch raises is an :class:`AttnPatchError` (a :class:`ValueError
 subclass names the thing to fix, so code, the CLI and the doctor can branch on the type instead
 of the message:
 
-==================  ===============================================================
-``ConfigError``     a config file, a ``--section.key`` flag, or an option's value
-``DataError``       images, labels, image folders and files, data sets
-``InputError``      a tensor or argument handed to a library function (type, shape,
-                    dtype, range)
-``ModelError``      a model's name, files, loading, or kind (UNet vs transformer)
-``RunFolderError``  a run folder or checkpoint: damaged, locked, not the tool's, unwritable
-``HookError``       ``hijack`` / controller usage (nesting, replay, recorded state)
-==================  ===============================================================
+====================  ===============================================================
+``ConfigError``       a config file, a ``--section.key`` flag, or an option's value
+``DataError``         images, labels, image folders and files, data sets
+``InputError``        a tensor or argument handed to a library function (type, shape,
+                      dtype, range); for image batches, ``ImageLayoutError`` (not
+                      ``(B, C, H, W)`` float RGB) and ``ImageRangeError`` (values
+                      outside the expected range, NaN or Inf)
+``ModelError``        a model's name, files, loading, or kind (UNet vs transformer)
+``RunFolderError``    a run folder or checkpoint: damaged, locked, not the tool's, unwritable
+``HookError``         ``hijack`` / controller usage (nesting, replay, recorded state)
+``DistributedError``  a data-parallel run's processes: one stalled or died, a
+                      collective timed out
+====================  ===============================================================
 
 >>> issubclass(ConfigError, AttnPatchError) and issubclass(AttnPatchError, ValueError)
 True
@@ -28,6 +32,9 @@ __all__ = [
     "ModelError",
     "RunFolderError",
     "HookError",
+    "DistributedError",
+    "ImageLayoutError",
+    "ImageRangeError",
 ]
 
 
@@ -53,6 +60,16 @@ class InputError(AttnPatchError):
     range: fix the call."""
 
 
+class ImageLayoutError(InputError):
+    """An image batch is not ``(B, C, H, W)`` float RGB: channels-last, another channel count,
+    another rank, an integer dtype, or not a tensor (:func:`attnpatch.check_image`)."""
+
+
+class ImageRangeError(InputError):
+    """An image batch's values lie outside the expected range (``[0, 1]`` classifier side,
+    ``[-1, 1]`` diffusion side), or are NaN or Inf (:func:`attnpatch.check_image`)."""
+
+
 class ModelError(AttnPatchError):
     """A model cannot be found or loaded, or is not the kind the call needs: fix the model
     name, its files, or what is passed."""
@@ -66,3 +83,8 @@ class RunFolderError(AttnPatchError):
 class HookError(AttnPatchError):
     """``hijack`` or a controller is used in a way that cannot give right maps or gradients:
     fix how the hooks are entered, nested or replayed."""
+
+
+class DistributedError(AttnPatchError):
+    """A data-parallel run's processes cannot go on together: one stopped responding or died,
+    and a collective timed out. The message names the process; fix its machine, then resume."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._util import as_pair, atomic_write
-from .errors import AttnPatchError
+from .errors import DataError, ImageLayoutError, ImageRangeError, InputError
 
 __all__ = [
     "check_image",
@@ -32,6 +32,7 @@ __all__ = [
     "save_image",
     "read_image",
     "decode_image",
+    "verify_image",
     "CLASSIFIER_RANGE",
     "DIFFUSION_RANGE",
 ]
@@ -66,7 +67,9 @@ def check_image(
     name: str = "images",
     tolerance: float = 1e-4,
 ) -> torch.Tensor:
-    """Raise :class:`AttnPatchError` (a ``ValueError``) unless ``x`` is a sane image batch.
+    """Raise :class:`~attnpatch.errors.ImageLayoutError` or
+    :class:`~attnpatch.errors.ImageRangeError` (``InputError``s, so ``ValueError``s) unless ``x``
+    is a sane image batch.
 
     Checks, in order: a tensor; 4-D ``(B, C, H, W)``; a floating dtype; channels-first (a
     ``(B, H, W, C)`` batch with ``C`` in {1, 3, 4} is reported as channels-last with the fix,
@@ -86,12 +89,12 @@ def check_image(
     """
     low, high = float(value_range[0]), float(value_range[1])
     if not low < high:
-        raise AttnPatchError(
+        raise InputError(
             f"value_range must be (low, high) with low < high, got {tuple(value_range)}; "
             "pass e.g. (0, 1) or (-1, 1)"
         )
     if not isinstance(x, torch.Tensor):
-        raise AttnPatchError(
+        raise ImageLayoutError(
             f"{name} must be a torch.Tensor (B, C, H, W), got {type(x).__name__}; convert with "
             "torch.as_tensor(x) (and permute a channels-last array to channels-first)"
         )
@@ -100,14 +103,16 @@ def check_image(
             hint = "add a batch dimension: x.unsqueeze(0)"
         else:
             hint = "reshape it to one batch of channels-first images"
-        raise AttnPatchError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}; {hint}")
+        raise ImageLayoutError(
+            f"{name} must be 4-D (B, C, H, W), got shape {tuple(x.shape)}; {hint}"
+        )
     if not x.is_floating_point():
-        raise AttnPatchError(
+        raise ImageLayoutError(
             f"{name} must be a floating-point tensor, got {x.dtype}; convert uint8 pixels with "
             f"x.float() / 255"
         )
     if (channels is None or x.shape[1] != channels) and _looks_channels_last(x.shape, channels):
-        raise AttnPatchError(
+        raise ImageLayoutError(
             f"{name} look channels-last {tuple(x.shape)} (B, H, W, C); attnpatch expects "
             f"channels-first (B, C, H, W): pass x.permute(0, 3, 1, 2)"
         )
@@ -119,7 +124,7 @@ def check_image(
             fix = "drop the alpha channel with x[:, :3]"
         else:
             fix = f"pass {channels}-channel images"
-        raise AttnPatchError(
+        raise ImageLayoutError(
             f"{name} must have {channels} channels (RGB) in dim 1, got {c} in shape "
             f"{tuple(x.shape)}; {fix}"
         )
@@ -128,12 +133,12 @@ def check_image(
     lo_t, hi_t = torch.aminmax(x.detach())
     lo, hi = torch.stack([lo_t, hi_t]).tolist()  # one device sync
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise AttnPatchError(
+        raise ImageRangeError(
             f"{name} contain NaN or Inf values; find where they arise upstream (a division by "
             "zero, a diverging loss or learning rate): replacing them would hide the bug"
         )
     if lo < low - tolerance or hi > high + tolerance:
-        raise AttnPatchError(
+        raise ImageRangeError(
             f"{name} must lie in [{low:g}, {high:g}], got values in [{lo:.4g}, {hi:.4g}]. "
             f"{_range_hint(lo, hi, low, high)}"
         )
@@ -166,7 +171,7 @@ def to_diffusion_input(
     """
     check_image(images, CLASSIFIER_RANGE)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise AttnPatchError(
+        raise InputError(
             f"multiple must be a positive int (the VAE factor), got {multiple!r}; pass "
             "multiple=parts.vae_scale_factor (attnpatch.diffusion.vae_scale_factor(vae))"
         )
@@ -205,7 +210,7 @@ def to_pil(image: torch.Tensor):
 
     if not isinstance(image, torch.Tensor) or image.ndim != 3 or image.shape[0] not in (3, 4):
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise AttnPatchError(
+        raise InputError(
             f"to_pil takes one (3, H, W) or (4, H, W) image in [0, 1], got {got}; index a batch "
             "with images[i]"
         )
@@ -227,9 +232,9 @@ def read_image(
 ) -> torch.Tensor:
     """One image file as ``(3, H, W)`` float RGB in [0, 1], read as :class:`ImageFolder` reads
     its files (EXIF orientation applied, alpha dropped; ``size`` and ``resize`` as there).
-    Unreadable files raise :class:`AttnPatchError` naming the file."""
+    Unreadable files raise :class:`~attnpatch.errors.DataError` naming the file."""
     if resize not in ("crop", "stretch"):
-        raise AttnPatchError(f"resize must be 'crop' or 'stretch', got {resize!r}")
+        raise InputError(f"resize must be 'crop' or 'stretch', got {resize!r}")
     hw = None if size is None else as_pair(size, "size")
     return decode_image(os.fspath(path), hw, resize).float() / 255.0
 
@@ -254,12 +259,51 @@ def decode_image(path: str, size: tuple[int, int] | None, resize: str) -> torch.
                     box = (left, top, left + bw, top + bh)
                 im = im.resize((w, h), Image.Resampling.BICUBIC, box=box)
             array = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for bad files
-        raise AttnPatchError(
-            f"cannot read image {path!r} ({type(e).__name__}: {e}); delete the file, or re-save "
-            "it as PNG/JPEG"
-        ) from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+        raise _unreadable(path, e) from e
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _unreadable(path: str, e: Exception) -> DataError:
+    """The error for an image file PIL cannot read; ``.reason`` is the short cause."""
+    from PIL import Image
+
+    if isinstance(e, Image.DecompressionBombError):
+        reason = f"a decompression bomb: {' '.join(str(e).split())}"
+        fix = (
+            "remove it or save it smaller; raise PIL.Image.MAX_IMAGE_PIXELS only for a file you "
+            "trust"
+        )
+    else:
+        reason = f"{type(e).__name__}: {e}"
+        fix = "delete the file, or re-save it as PNG/JPEG"
+    error = DataError(f"cannot read image {path!r} ({reason}); {fix}")
+    error.reason = reason  # type: ignore[attr-defined]
+    return error
+
+
+def verify_image(path: str | os.PathLike) -> tuple[int, int]:
+    """Read an image file to its end without keeping its pixels; returns its ``(width,
+    height)``. A PNG's chunks are checked to the last one, a JPEG is decoded at 1/8 scale (the
+    whole stream is read), other formats are decoded. Raises
+    :class:`~attnpatch.errors.DataError` naming the file for a file that is not an image, is
+    truncated or is a decompression bomb (beyond Pillow's ``MAX_IMAGE_PIXELS`` limit); its
+    ``reason`` attribute is the short cause."""
+    from PIL import Image
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            if im.format == "PNG":
+                im.verify()
+            else:
+                if im.format == "JPEG":
+                    im.draft(None, (1, 1))
+                im.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError
+        raise _unreadable(path, e) from e
+    return size
 
 
 def _to_8bit(im):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -59,3 +61,48 @@ def flux():
     from attnpatch.testing import tiny_flux
 
     return tiny_flux()
+
+
+@contextlib.contextmanager
+def _raises(error: type[BaseException], *words: str) -> Iterator[pytest.ExceptionInfo]:
+    """``pytest.raises(error)``, then each of ``words`` in its message (case-insensitive): the
+    type says what to fix, the words name the field or file; the wording may change."""
+    with pytest.raises(error) as info:
+        yield info
+    message = str(info.value).lower()
+    missing = [w for w in words if w.lower() not in message]
+    assert not missing, f"{missing} not in {str(info.value)!r}"
+
+
+@pytest.fixture
+def raises():
+    """``with raises(ConfigError, "train.lr", "> 0"): ...`` (see ``_raises``)."""
+    return _raises
+
+
+@pytest.fixture
+def registries():
+    """Restore attnpatch's model registries after a test that registers names."""
+    from attnpatch.models import registry
+
+    saved = dict(registry._CLASSIFIERS), dict(registry._DIFFUSION)
+    yield
+    registry._CLASSIFIERS.clear()
+    registry._CLASSIFIERS.update(saved[0])
+    registry._DIFFUSION.clear()
+    registry._DIFFUSION.update(saved[1])
+
+
+@pytest.fixture(autouse=True)
+def _registries_left_as_found(request):
+    """Every test leaves the model registries as it found them (a test that registers names
+    uses the ``registries`` fixture, which restores them)."""
+    from attnpatch.models import registry
+
+    before = set(registry._CLASSIFIERS), set(registry._DIFFUSION)
+    yield
+    if "registries" in request.fixturenames:
+        return  # restored by that fixture's teardown, which runs after this check
+    after = set(registry._CLASSIFIERS), set(registry._DIFFUSION)
+    left = sorted((after[0] - before[0]) | (after[1] - before[1]))
+    assert after == before, f"the test left {left} in the registries; use `registries`"

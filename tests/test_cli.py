@@ -11,6 +11,7 @@ from PIL import Image
 
 import attnpatch as ap
 from attnpatch.cli import main
+from attnpatch.errors import ConfigError
 from attnpatch.training.config import load_config
 
 RUN_FILES = [
@@ -132,5 +133,22 @@ def test_configs_yaml_toml_flags_and_unknown_keys(tmp_path, capsys):
     assert "did you mean 'accumulate'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--train.nope", "1"])
-    with pytest.raises(ap.AttnPatchError, match="train.accumulate must be int"):
+    with pytest.raises(ConfigError, match="train.accumulate must be an integer"):
         load_config(None, {"train.accumulate": "2.5"})
+
+
+def test_apply_refuses_an_out_inside_its_input_folder(tmp_path, capsys):
+    # was: a second run patched the first run's *_patched.png outputs
+    patch = ap.AdversarialPatch(4, init="random", scale=0.3)
+    patch.save(tmp_path / "patch.safetensors")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(photos / "a.png")
+    for out in (photos, photos / "patched"):
+        assert main(["apply", str(tmp_path / "patch.safetensors"), str(photos), "--out",
+                     str(out)]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert "inside the input folder" in err and "Traceback" not in err
+    assert sorted(p.name for p in photos.iterdir()) == ["a.png"]  # nothing written
+    assert main(["apply", str(tmp_path / "patch.safetensors"), str(photos), "--out",
+                 str(tmp_path / "elsewhere")]) == 0  # fmt: skip

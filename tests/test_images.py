@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ImageLayoutError, ImageRangeError, InputError
 from attnpatch.images import check_image, save_image, to_diffusion_input, to_pil
 
 
@@ -30,7 +30,7 @@ def test_valid_batches_pass_and_are_returned_as_is():
         assert check_image(ok) is ok
     five = _rand(1, 5, 4, 4)
     assert check_image(five, channels=None) is five
-    with pytest.raises(AttnPatchError, match="must lie in"):
+    with pytest.raises(ImageRangeError, match="must lie in"):
         check_image(torch.full((1, 3, 2, 2), 1.0 + 2e-4))  # just past the tolerance
     meta = torch.empty(1, 3, 4, 4, device="meta")
     assert check_image(meta) is meta  # no data to read: shape checks only
@@ -43,26 +43,51 @@ def test_check_keeps_the_graph():
 
 
 @pytest.mark.parametrize(
-    "x, kwargs, needles",
+    "x, kwargs, needles, error",
     [
-        (np.zeros((1, 3, 4, 4)), {}, ["torch.Tensor", "torch.as_tensor"]),
-        (_rand(3, 8, 8), {}, ["4-D", "x.unsqueeze(0)"]),
-        (_rand(1, 1, 3, 8, 8), {}, ["4-D", "reshape"]),
-        ((_rand(1, 3, 4, 4) * 255).to(torch.uint8), {}, ["floating-point", "x.float() / 255"]),
-        (_rand(2, 16, 16, 3), {}, ["channels-last", "x.permute(0, 3, 1, 2)"]),
-        (_rand(2, 16, 16, 3), {"channels": None}, ["channels-last"]),
-        (_rand(2, 1, 8, 8), {}, ["3 channels", "got 1", "x.expand(-1, 3, -1, -1)"]),
-        (_rand(2, 4, 8, 8), {}, ["3 channels", "got 4", "x[:, :3]"]),
-        (_rand(2, 2, 8, 8), {}, ["3 channels", "got 2", "pass 3-channel"]),
-        (_rand(1, 3, 4, 4) * 255, {}, ["[0, 1]", "[0, 255]", "x / 255"]),
-        (_rand(1, 3, 4, 4) * 255, {"value_range": (-1, 1)}, ["[-1, 1]", "x / 127.5 - 1"]),
-        (_rand(1, 3, 4, 4) * 2 - 1, {}, ["[-1, 1] diffusion input", "(x + 1) / 2"]),
-        (_rand(1, 3, 4, 4) * 1.5 + 0.2, {}, ["must lie in [0, 1]", "x.clamp(0, 1)"]),
-        (_rand(1, 3, 4, 4), {"value_range": (1, 0)}, ["low < high"]),
+        (np.zeros((1, 3, 4, 4)), {}, ["torch.Tensor", "torch.as_tensor"], ImageLayoutError),
+        (_rand(3, 8, 8), {}, ["4-D", "x.unsqueeze(0)"], ImageLayoutError),
+        (_rand(1, 1, 3, 8, 8), {}, ["4-D", "reshape"], ImageLayoutError),
+        (
+            (_rand(1, 3, 4, 4) * 255).to(torch.uint8),
+            {},
+            ["floating-point", "x.float() / 255"],
+            ImageLayoutError,
+        ),
+        (_rand(2, 16, 16, 3), {}, ["channels-last", "x.permute(0, 3, 1, 2)"], ImageLayoutError),
+        (_rand(2, 16, 16, 3), {"channels": None}, ["channels-last"], ImageLayoutError),
+        (
+            _rand(2, 1, 8, 8),
+            {},
+            ["3 channels", "got 1", "x.expand(-1, 3, -1, -1)"],
+            ImageLayoutError,
+        ),
+        (_rand(2, 4, 8, 8), {}, ["3 channels", "got 4", "x[:, :3]"], ImageLayoutError),
+        (_rand(2, 2, 8, 8), {}, ["3 channels", "got 2", "pass 3-channel"], ImageLayoutError),
+        (_rand(1, 3, 4, 4) * 255, {}, ["[0, 1]", "[0, 255]", "x / 255"], ImageRangeError),
+        (
+            _rand(1, 3, 4, 4) * 255,
+            {"value_range": (-1, 1)},
+            ["[-1, 1]", "x / 127.5 - 1"],
+            ImageRangeError,
+        ),
+        (
+            _rand(1, 3, 4, 4) * 2 - 1,
+            {},
+            ["[-1, 1] diffusion input", "(x + 1) / 2"],
+            ImageRangeError,
+        ),
+        (
+            _rand(1, 3, 4, 4) * 1.5 + 0.2,
+            {},
+            ["must lie in [0, 1]", "x.clamp(0, 1)"],
+            ImageRangeError,
+        ),
+        (_rand(1, 3, 4, 4), {"value_range": (1, 0)}, ["low < high"], InputError),
     ],
 )
-def test_bad_batches_are_named_with_a_fix(x, kwargs, needles):
-    with pytest.raises(AttnPatchError) as err:
+def test_bad_batches_are_named_with_a_fix(x, kwargs, needles, error):
+    with pytest.raises(error) as err:  # the type says what to fix
         check_image(x, **kwargs)
     assert isinstance(err.value, ValueError)
     for needle in needles:
@@ -73,14 +98,14 @@ def test_bad_batches_are_named_with_a_fix(x, kwargs, needles):
 def test_non_finite_values(bad):
     x = _rand(1, 3, 4, 4)
     x[0, 1, 2, 3] = bad
-    with pytest.raises(AttnPatchError, match="NaN or Inf"):
+    with pytest.raises(ImageRangeError, match="NaN or Inf"):
         check_image(x)
 
 
 def test_out_of_range_reports_the_observed_range():
     x = _rand(1, 3, 4, 4)
     x[0, 0, 0, 0] = 1.25
-    with pytest.raises(AttnPatchError) as err:
+    with pytest.raises(ImageRangeError) as err:
         check_image(x, name="patch")
     assert "patch must lie in [0, 1]" in str(err.value) and "1.25" in str(err.value)
 
@@ -148,13 +173,13 @@ def test_half_precision_shrink_on_cpu():
     ],
 )
 def test_bad_arguments(kwargs, needle):
-    with pytest.raises(AttnPatchError) as err:
+    with pytest.raises(InputError) as err:
         to_diffusion_input(_rand(1, 3, 8, 8), **kwargs)
     assert needle in str(err.value)
 
 
 def test_rejects_diffusion_side_input():
-    with pytest.raises(AttnPatchError, match=r"\(x \+ 1\) / 2"):
+    with pytest.raises(ImageRangeError, match=r"\(x \+ 1\) / 2"):
         to_diffusion_input(_rand(1, 3, 8, 8) * 2 - 1)
 
 
@@ -168,7 +193,7 @@ def test_to_pil_rounds_and_clamps_to_8_bits(tmp_path):
     assert got[0, :, 0].tolist() == [0, 128, 255, 255, 0, 127]  # round-half-even at 127.5
     rgba = to_pil(torch.cat([x, torch.zeros(1, 1, 6)]))
     assert rgba.mode == "RGBA" and np.asarray(rgba)[..., 3].max() == 0
-    with pytest.raises(AttnPatchError, match=r"\(3, H, W\)"):
+    with pytest.raises(InputError, match=r"\(3, H, W\)"):
         to_pil(torch.zeros(1, 3, 2, 2))
     save_image(x, tmp_path / "x.png")
     with Image.open(tmp_path / "x.png") as im:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from attnpatch._util import as_pair, atomic_write, derive_seed, freeze, one_thread, seeded
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 
 
 def test_as_pair():
@@ -18,7 +18,7 @@ def test_as_pair():
     assert as_pair((32, 24)) == (32, 24) and as_pair([3, 4]) == (3, 4)
     assert as_pair(0, minimum=0) == (0, 0)
     for bad in (0, -1, (3,), (1, 2, 3), (2.0, 2), True, "16", None, (True, 2)):
-        with pytest.raises(AttnPatchError, match="image_size must be a positive int"):
+        with pytest.raises(InputError, match="image_size must be a positive int"):
             as_pair(bad, "image_size")
 
 

@@ -12,6 +12,8 @@ with an ``int`` label indexing ``dataset.classes``.
 * :class:`ShapesConfig` / :func:`shapes_dataset` generate the embedded demo's labelled images
   (coloured shapes on textured backgrounds; no downloads) (:mod:`attnpatch.data.shapes`);
   :func:`shape_captions` describes them for text-to-image training (:mod:`.captions`).
+* :func:`fingerprint` records a set's files (or pixels) so a resumed run sees a change
+  (:mod:`attnpatch.data.fingerprint`).
 
 >>> train = shapes_dataset(ShapesConfig(train_per_class=2, heldout_per_class=1))
 >>> train.classes
@@ -23,6 +25,7 @@ with an ``int`` label indexing ``dataset.classes``.
 
 from .batching import batch_indices, batches, batches_per_epoch
 from .captions import COLOUR_WORDS, colour_names, shape_captions
+from .fingerprint import describe_change, fingerprint
 from .folder import (
     IMAGE_EXTENSIONS,
     ImageFolder,
@@ -49,4 +52,6 @@ __all__ = [
     "shape_captions",
     "write_image_folder",
     "read_image",
+    "fingerprint",
+    "describe_change",
 ]

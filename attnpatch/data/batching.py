@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._util import derive_seed
-from ..errors import AttnPatchError
+from ..errors import InputError
 
 __all__ = ["batches", "batch_indices", "batches_per_epoch"]
 
@@ -36,11 +36,11 @@ def batches_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
 
 def _check_batching(n: int, batch_size: int, drop_last: bool) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AttnPatchError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        raise InputError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if n == 0:
-        raise AttnPatchError("empty data set: it has no images; add images or fix its source")
+        raise InputError("empty data set: it has no images; add images or fix its source")
     if batches_per_epoch(n, batch_size, drop_last) == 0:
-        raise AttnPatchError(
+        raise InputError(
             f"drop_last=True with {n} images and batch_size={batch_size} gives no batch at all; "
             "lower batch_size or pass drop_last=False"
         )
@@ -124,7 +124,7 @@ def batches(
     n = len(dataset)
     _check_batching(n, batch_size, drop_last)
     if start < 0 or (stop is not None and stop < start):
-        raise AttnPatchError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+        raise InputError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
 
     def index_lists() -> Iterator[list[int]]:
         i = start
@@ -169,7 +169,7 @@ class _IterableLists:
 def _collate(items: list[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
     shapes = {tuple(image.shape) for image, _ in items}
     if len(shapes) > 1:
-        raise AttnPatchError(
+        raise InputError(
             f"cannot batch images of different sizes {sorted(shapes)}; build the data set with "
             "size=(H, W) so every image is resized"
         )

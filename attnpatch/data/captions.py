@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 
 __all__ = ["COLOUR_WORDS", "colour_names", "shape_captions"]
 
@@ -42,7 +42,7 @@ def colour_names(rgb: torch.Tensor, gray_below: float = 0.25) -> list[str]:
     """Name ``(N, 3)`` RGB colours in [0, 1]: the nearest hue anchor of :data:`COLOUR_WORDS`,
     or ``"gray"`` when the HSV saturation is below ``gray_below``."""
     if rgb.ndim != 2 or rgb.shape[1] != 3:
-        raise AttnPatchError(f"colours must be (N, 3) RGB, got shape {tuple(rgb.shape)}")
+        raise InputError(f"colours must be (N, 3) RGB, got shape {tuple(rgb.shape)}")
     rgb = rgb.float()
     hi, lo = rgb.max(dim=1).values, rgb.min(dim=1).values
     sat = torch.where(hi > 0, (hi - lo) / hi.clamp_min(1e-8), torch.zeros_like(hi))
@@ -83,7 +83,7 @@ def shape_captions(
     labels = torch.as_tensor(labels, dtype=torch.long)
     n = labels.shape[0]
     if colours.shape != (n, 3, 3):
-        raise AttnPatchError(f"colours must be ({n}, 3, 3), got {tuple(colours.shape)}")
+        raise InputError(f"colours must be ({n}, 3, 3), got {tuple(colours.shape)}")
     draws = torch.rand(n, 3, generator=generator)
     fill = colour_names(colours[:, 0])
     bg1, bg2 = colour_names(colours[:, 1]), colour_names(colours[:, 2])

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .._util import as_pair
-from ..errors import AttnPatchError
-from ..images import check_image, decode_image, read_image, to_pil
+from ..errors import DataError, InputError, RunFolderError
+from ..images import check_image, decode_image, read_image, to_pil, verify_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -71,10 +71,11 @@ class ImageFolder(Dataset):
             at most ``cache_bytes``; with ``size=None`` the native sizes count.
         cache_bytes: the ``cache=None`` limit, default 1 GiB.
 
-    Bad input raises :class:`AttnPatchError` at construction, before any training: a missing
+    Bad input raises :class:`~attnpatch.errors.DataError` at construction, before any training: a missing
     source, no images, an empty class folder, a CSV row that is malformed, names a missing file
-    or an unknown label (with the line number), or a file that is not an image (headers are
-    opened for every file; pixel data is decoded on first access).
+    or an unknown label (with the line number), or a file that is not an image, is truncated
+    or is a decompression bomb (every file is read to its end: a PNG's chunks checked, a JPEG
+    decoded at 1/8 scale; full pixel data is decoded on first access).
 
     >>> import tempfile
     >>> from attnpatch.data import ShapesConfig, shapes_dataset
@@ -95,13 +96,13 @@ class ImageFolder(Dataset):
         cache: bool | None = None,
         cache_bytes: int = 1 << 30,
     ):
-        self.source = Path(source)
+        self.source = Path(source).expanduser()
         self.size = None if size is None else as_pair(size, "size")
         if resize not in ("crop", "stretch"):
-            raise AttnPatchError(f"resize must be 'crop' or 'stretch', got {resize!r}")
+            raise InputError(f"resize must be 'crop' or 'stretch', got {resize!r}")
         self.resize = resize
         if not self.source.exists():
-            raise AttnPatchError(
+            raise DataError(
                 f"data source {str(self.source)!r} does not exist; pass a folder with one "
                 "subfolder per class, or a CSV file of path,label rows"
             )
@@ -110,7 +111,7 @@ class ImageFolder(Dataset):
         elif self.source.suffix.lower() == ".csv":
             samples, names = self._read_csv(self.source, classes)
         else:
-            raise AttnPatchError(
+            raise DataError(
                 f"data source {str(self.source)!r} is neither a folder nor a .csv file; pass a "
                 "folder with one subfolder per class, or a CSV of path,label rows"
             )
@@ -139,7 +140,7 @@ class ImageFolder(Dataset):
             names = [str(c) for c in classes]
             missing = [c for c in names if c not in subdirs]
             if missing:
-                raise AttnPatchError(
+                raise DataError(
                     f"class folders {missing} not found in {str(root)!r} (it has {subdirs}); "
                     "create them or fix classes="
                 )
@@ -150,7 +151,7 @@ class ImageFolder(Dataset):
                 if loose
                 else ""
             )
-            raise AttnPatchError(
+            raise DataError(
                 f"empty data set: {str(root)!r} has no class subfolders.{hint} Expected "
                 "root/<class name>/<image>, or pass a CSV of path,label rows"
             )
@@ -164,7 +165,7 @@ class ImageFolder(Dataset):
                 and not any(part.startswith(".") for part in p.relative_to(root).parts)
             )
             if not files:
-                raise AttnPatchError(
+                raise DataError(
                     f"empty data set for class {name!r}: {str(root / name)!r} holds no images "
                     f"(endings read: {', '.join(IMAGE_EXTENSIONS)}); add images or remove the "
                     "folder"
@@ -186,13 +187,13 @@ class ImageFolder(Dataset):
                 path_col, label_col = header.index("path"), header.index("label")
                 rows = rows[1:]
         if not rows:
-            raise AttnPatchError(
+            raise DataError(
                 f"empty data set: {str(path)!r} has no path,label rows; add one row per image"
             )
         raw: list[tuple[int, str, str]] = []
         for n, row in rows:
             if len(row) <= max(path_col, label_col) or not row[path_col] or not row[label_col]:
-                raise AttnPatchError(
+                raise DataError(
                     f"{str(path)}:{n}: expected 'path,label', got {','.join(row)!r}; write one "
                     "image path and its label per row"
                 )
@@ -200,7 +201,7 @@ class ImageFolder(Dataset):
             if not file.is_absolute():
                 file = path.parent / file
             if not file.is_file():
-                raise AttnPatchError(
+                raise DataError(
                     f"{str(path)}:{n}: image {str(file)!r} not found (relative paths are "
                     f"resolved against {str(path.parent)!r}); fix the path or remove the row"
                 )
@@ -217,7 +218,7 @@ class ImageFolder(Dataset):
         else:
             names = [str(c) for c in classes]
             if not names:
-                raise AttnPatchError("classes= is empty; pass the class names in label order")
+                raise InputError("classes= is empty; pass the class names in label order")
         lookup = {name: i for i, name in enumerate(names)}
         samples = []
         for n, file, lab in raw:
@@ -227,7 +228,7 @@ class ImageFolder(Dataset):
                 label = int(lab)
             else:
                 shown = names if len(names) <= 20 else names[:20] + ["..."]
-                raise AttnPatchError(
+                raise DataError(
                     f"{str(path)}:{n}: unknown label {lab!r}; labels must be one of {shown} or "
                     f"an index below {len(names)}; fix the row or pass classes=[...]"
                 )
@@ -235,19 +236,17 @@ class ImageFolder(Dataset):
         return samples, names
 
     def _check_headers(self) -> list[tuple[int, int]]:
-        """Open every file's header (cheap, no pixel decoding); list all bad files at once."""
-        from PIL import Image
-
+        """Read every file to its end (:func:`~attnpatch.images.verify_image`: a truncated PNG
+        or JPEG is found here, not hours into a run); list all bad files at once."""
         sizes, bad = [], []
         for path, _ in self.samples:
             try:
-                with Image.open(path) as im:
-                    sizes.append(im.size)
-            except (OSError, SyntaxError, ValueError) as e:
-                bad.append(f"{path} ({type(e).__name__})")
+                sizes.append(verify_image(path))
+            except DataError as e:
+                bad.append(f"{path} ({e.reason})")
         if bad:
             shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-            raise AttnPatchError(
+            raise DataError(
                 f"{len(bad)} file(s) in {str(self.source)!r} are not readable images: {shown}. "
                 "Delete them, or re-save them as PNG/JPEG"
             )
@@ -295,14 +294,14 @@ class TensorImageDataset(Dataset):
         check_image(images)
         labels = torch.as_tensor(labels)
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise AttnPatchError(
+            raise InputError(
                 f"labels must be (N,) with N = {images.shape[0]} images, got {tuple(labels.shape)}"
             )
         if labels.is_floating_point():
-            raise AttnPatchError("labels must be integers; pass labels.long()")
+            raise InputError("labels must be integers; pass labels.long()")
         self.classes = [str(c) for c in classes]
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
-            raise AttnPatchError(
+            raise InputError(
                 f"labels must lie in [0, {len(self.classes)}) for {len(self.classes)} classes, "
                 f"got [{int(labels.min())}, {int(labels.max())}]"
             )
@@ -340,9 +339,9 @@ def write_image_folder(
     folder = Path(folder)
     classes = getattr(dataset, "classes", None)
     if classes is None:
-        raise AttnPatchError("dataset has no .classes; give it a list of class names")
+        raise InputError("dataset has no .classes; give it a list of class names")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise AttnPatchError(
+        raise RunFolderError(
             f"{str(folder)!r} is not empty; pass an empty or new folder, or overwrite=True"
         )
     for name in classes:

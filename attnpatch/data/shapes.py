@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._util import as_pair, derive_seed, one_thread
-from ..errors import AttnPatchError
+from ..errors import InputError
 from .folder import TensorImageDataset
 
 __all__ = ["SHAPE_CLASSES", "SHAPES", "ShapesConfig", "render_shapes", "shapes_dataset"]
@@ -120,13 +120,13 @@ class ShapesConfig:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         unknown = [c for c in self.classes if c not in SHAPES]
         if unknown:
-            raise AttnPatchError(f"unknown shape classes {unknown}; choose from {sorted(SHAPES)}")
+            raise InputError(f"unknown shape classes {unknown}; choose from {sorted(SHAPES)}")
         if len(set(self.classes)) != len(self.classes) or not self.classes:
-            raise AttnPatchError(f"classes must be distinct and non-empty, got {self.classes}")
+            raise InputError(f"classes must be distinct and non-empty, got {self.classes}")
         if self.size < 8:
-            raise AttnPatchError(f"size must be >= 8 pixels, got {self.size}")
+            raise InputError(f"size must be >= 8 pixels, got {self.size}")
         if self.train_per_class < 0 or self.heldout_per_class < 0:
-            raise AttnPatchError("train_per_class and heldout_per_class must be >= 0")
+            raise InputError("train_per_class and heldout_per_class must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (used in cache keys and run configs)."""
@@ -256,7 +256,7 @@ def shapes_dataset(config: ShapesConfig | None = None, split: str = "train") -> 
     """
     config = config or ShapesConfig()
     if split not in ("train", "heldout"):
-        raise AttnPatchError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise InputError(f"split must be 'train' or 'heldout', got {split!r}")
     per_class = config.train_per_class if split == "train" else config.heldout_per_class
     c = len(config.classes)
     labels = torch.arange(per_class * c) % c

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util import deprecated
 from ..errors import AttnPatchError
 from ..hooks import AttentionControl, AttnSite
 from ..hooks import checkpoint as replay_checkpoint
@@ -34,12 +35,11 @@ MEMORY_MODES = ("low", "balanced", "fast")
 
 
 def resolve_memory(memory: str | None, checkpoint: bool | None, device: torch.device) -> str:
-    """The mode from ``memory`` and the legacy ``checkpoint`` flag (``True`` = "balanced").
+    """The mode from ``memory`` and the legacy ``checkpoint`` flag (``True`` = "balanced"; it
+    warns: ``FutureWarning``, removed in attnpatch 0.3.0).
 
     >>> resolve_memory(None, None, torch.device("cpu")), resolve_memory("low", None, None)
     ('fast', 'low')
-    >>> resolve_memory(None, False, torch.device("cpu"))
-    'fast'
     """
     if memory is not None and memory not in MEMORY_MODES:
         raise AttnPatchError(
@@ -47,6 +47,11 @@ def resolve_memory(memory: str | None, checkpoint: bool | None, device: torch.de
             f"{memory!r}"
         )
     if checkpoint is not None:
+        deprecated(
+            "checkpoint=",
+            "memory='balanced' (checkpoint=True) or memory='fast' (False)",
+            stacklevel=4,  # the AttentionPipeline(...) call
+        )
         legacy = "balanced" if checkpoint else "fast"
         if memory is not None and (memory == "fast") == bool(checkpoint):
             raise AttnPatchError(

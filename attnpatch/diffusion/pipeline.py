@@ -95,7 +95,8 @@ class AttentionPipeline:
             values and gradients are the same in all three. ``None``: ``"balanced"`` on the
             CPU, ``"low"`` on an accelerator (read from the UNet's device). Costs in
             docs/performance.md.
-        checkpoint: the older switch: ``True`` is ``memory="balanced"``, ``False`` ``"fast"``.
+        checkpoint: the older switch: ``True`` is ``memory="balanced"``, ``False`` ``"fast"``
+            (deprecated: a ``FutureWarning``; removed in attnpatch 0.3.0).
 
     Precision: the pipeline takes fp32 images (the patch and its optimizer stay fp32); each
     network gets its inputs in its own dtype (``load_diffusion(..., torch_dtype=...)``) and the

@@ -15,6 +15,7 @@ docs/losses.md gives each formula, what it compares, where it applies and a star
 from __future__ import annotations
 
 from .attention import (
+    REGION_MODES,
     CrossAttentionRegion,
     CrossAttentionVariance,
     SelfAttentionStructure,
@@ -23,7 +24,7 @@ from .attention import (
     label_map,
     self_attention_structure,
 )
-from .classifier import ClassifierLoss, classifier_loss
+from .classifier import CLASSIFIER_LOSSES, ClassifierLoss, classifier_loss
 from .image import (
     PRINTABLE_LEVELS,
     L2Norm,
@@ -61,4 +62,6 @@ __all__ = [
     "GradientShares",
     "term_gradients",
     "update_shares",
+    "CLASSIFIER_LOSSES",
+    "REGION_MODES",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 
 __all__ = ["REDUCTIONS", "check_reduction", "reduce"]
 
@@ -14,7 +14,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def check_reduction(reduction: str) -> None:
     """Raise unless ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"``."""
     if reduction not in REDUCTIONS:
-        raise AttnPatchError(
+        raise InputError(
             f"reduction must be one of {REDUCTIONS}, got {reduction!r}; use 'mean' for a scalar "
             f"loss, 'none' for one value per image"
         )

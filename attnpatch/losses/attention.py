@@ -25,11 +25,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ._reduce import check_reduction, reduce
 from .image import downsample_mask
 
 __all__ = [
+    "REGION_MODES",
     "cross_attention_variance",
     "cross_attention_region",
     "self_attention_structure",
@@ -46,13 +47,13 @@ Tokens = int | Sequence[int] | torch.Tensor | Sequence[Sequence[int]] | Sequence
 #: Self-attention maps: one ``(B, h, w, h*w)`` tensor, or per-layer tensors.
 SelfMaps = torch.Tensor | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
-_MODES = ("repel", "attract")
+REGION_MODES = _MODES = ("repel", "attract")  #: :func:`cross_attention_region`'s modes
 _TOKEN_FIX = "take positions from token_indices(tokenizer, prompt, word)"
 
 
 def _check_cross_maps(maps: object, name: str = "maps") -> torch.Tensor:
     if not isinstance(maps, torch.Tensor):
-        raise AttnPatchError(
+        raise InputError(
             f"{name} must be a cross-attention tensor (B, h, w, K), got {type(maps).__name__}; "
             f"get it from AttentionStore.aggregate(kind='cross', resolution=(h, w))"
         )
@@ -62,39 +63,35 @@ def _check_cross_maps(maps: object, name: str = "maps") -> torch.Tensor:
             if maps.ndim == 3
             else ": use AttentionStore.aggregate(kind='cross', resolution=(h, w))"
         )
-        raise AttnPatchError(
-            f"{name} must be 4-D (B, h, w, K), got shape {tuple(maps.shape)}{hint}"
-        )
+        raise InputError(f"{name} must be 4-D (B, h, w, K), got shape {tuple(maps.shape)}{hint}")
     if not maps.is_floating_point():
-        raise AttnPatchError(f"{name} must be floating point, got {maps.dtype}")
+        raise InputError(f"{name} must be floating point, got {maps.dtype}")
     return maps
 
 
 def _as_index_list(item: object, where: str) -> list[int]:
     if isinstance(item, torch.Tensor):
         if item.dtype == torch.bool or item.is_floating_point() or item.is_complex():
-            raise AttnPatchError(
+            raise InputError(
                 f"token positions{where} must be an integer tensor, got {item.dtype}; {_TOKEN_FIX}"
             )
         if item.ndim > 1:
-            raise AttnPatchError(
-                f"token positions{where} must be 1-D, got shape {tuple(item.shape)}"
-            )
+            raise InputError(f"token positions{where} must be 1-D, got shape {tuple(item.shape)}")
         return [int(i) for i in item.reshape(-1).tolist()]
     if isinstance(item, bool):
-        raise AttnPatchError(f"token positions{where} must be ints, got a bool; {_TOKEN_FIX}")
+        raise InputError(f"token positions{where} must be ints, got a bool; {_TOKEN_FIX}")
     if isinstance(item, (list, tuple)):
         out = []
         for i in item:
             if isinstance(i, (bool, list, tuple)) or (isinstance(i, torch.Tensor) and i.ndim):
-                raise AttnPatchError(
+                raise InputError(
                     f"token positions{where} must be ints, got {type(i).__name__} {i!r}; "
                     f"{_TOKEN_FIX}"
                 )
             try:
                 out.append(operator.index(i))
             except TypeError:
-                raise AttnPatchError(
+                raise InputError(
                     f"token positions{where} must be ints, got {type(i).__name__} {i!r}; "
                     f"{_TOKEN_FIX}"
                 ) from None
@@ -102,7 +99,7 @@ def _as_index_list(item: object, where: str) -> list[int]:
     try:
         return [operator.index(item)]
     except TypeError:
-        raise AttnPatchError(
+        raise InputError(
             f"tokens must be an int, a list of ints, a 1-D integer tensor, or one such list per "
             f"image; got {type(item).__name__}. {_TOKEN_FIX}"
         ) from None
@@ -127,7 +124,7 @@ def _per_image_tokens(tokens: Tokens, batch: int) -> tuple[list[list[int]], bool
         return [shared] * batch, True
     lists = [_as_index_list(t, f" of image {b}") for b, t in enumerate(tokens)]
     if len(lists) != batch:
-        raise AttnPatchError(
+        raise InputError(
             f"tokens has {len(lists)} per-image lists but the maps have batch {batch}; pass one "
             f"list per image, or one flat list for all images"
         )
@@ -143,21 +140,19 @@ def _token_weights(
     for b, idx in enumerate(lists):
         where = "" if shared else f" (image {b})"
         if not idx:
-            raise AttnPatchError(
+            raise InputError(
                 f"no token positions given{where}: the word was not found in the prompt? "
                 f"{_TOKEN_FIX}"
             )
         bad = [i for i in idx if not 0 <= i < keys]
         if bad:
-            raise AttnPatchError(
+            raise InputError(
                 f"token position {bad[0]}{where} is out of range for maps with {keys} text "
                 f"tokens (valid: 0..{keys - 1}); {_TOKEN_FIX}"
             )
         if len(set(idx)) != len(idx):
             dup = next(i for i in idx if idx.count(i) > 1)
-            raise AttnPatchError(
-                f"token position {dup} is given twice{where}; pass each position once"
-            )
+            raise InputError(f"token position {dup} is given twice{where}; pass each position once")
         weights[b, idx] = 1.0 / len(idx)
     return weights.to(device)
 
@@ -231,7 +226,7 @@ def cross_attention_region(
         maps: cross-attention ``(B, h, w, K)``.
         mask: the patch mask ``(B, 1, H, W)`` or ``(B, H, W)`` in [0, 1], batch ``B`` or 1, at
             the resolution of the image that produced the maps: ``H = f*h`` and ``W = f*w`` for
-            one integer ``f >= 1`` (else :class:`AttnPatchError`).
+            one integer ``f >= 1`` (else :class:`~attnpatch.errors.InputError`).
         tokens: the label word's token positions.
         mode: ``"repel"`` (default) or ``"attract"``.
         reduction: ``"mean"`` over the batch (default), ``"sum"``, ``"none"`` -> ``(B,)``.
@@ -244,14 +239,14 @@ def cross_attention_region(
     """
     check_reduction(reduction)
     if mode not in _MODES:
-        raise AttnPatchError(
+        raise InputError(
             f"mode must be 'repel' (attention off the patch) or 'attract' (onto it), got {mode!r}"
         )
     amap = label_map(maps, tokens)  # (B, h, w)
     batch, h, w = amap.shape
     weights = downsample_mask(mask, (h, w))[:, 0]  # (B or 1, h, w)
     if weights.shape[0] not in (1, batch):
-        raise AttnPatchError(
+        raise InputError(
             f"mask has batch {weights.shape[0]} but the maps have batch {batch}; pass one mask "
             f"per image or a single mask (batch 1) for all"
         )
@@ -265,38 +260,38 @@ def cross_attention_region(
 def _as_pairs(maps: SelfMaps, reference: SelfMaps) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     if isinstance(maps, torch.Tensor):
         if not isinstance(reference, torch.Tensor):
-            raise AttnPatchError(
+            raise InputError(
                 f"maps is one tensor but reference is a {type(reference).__name__}; compute the "
                 f"reference with the same AttentionStore settings as the maps"
             )
         return [("maps", maps, reference)]
     if isinstance(maps, Mapping):
         if not isinstance(reference, Mapping):
-            raise AttnPatchError(
+            raise InputError(
                 f"maps is a dict but reference is a {type(reference).__name__}; pass the "
                 f"reference in the same structure (a dict with the same layer names)"
             )
         if set(maps) != set(reference):
             missing = sorted(set(maps) - set(reference))
             extra = sorted(set(reference) - set(maps))
-            raise AttnPatchError(
+            raise InputError(
                 f"maps and reference have different layers: missing from reference {missing}, "
                 f"only in reference {extra}; record both with the same layers and resolutions"
             )
         return [(str(k), maps[k], reference[k]) for k in maps]
     if isinstance(maps, (list, tuple)):
         if not isinstance(reference, (list, tuple)):
-            raise AttnPatchError(
+            raise InputError(
                 f"maps is a list but reference is a {type(reference).__name__}; pass the "
                 f"reference in the same structure (a list of the same length)"
             )
         if len(maps) != len(reference):
-            raise AttnPatchError(
+            raise InputError(
                 f"maps has {len(maps)} layers but reference has {len(reference)}; record both "
                 f"with the same layers and resolutions"
             )
         return [(f"[{i}]", m, r) for i, (m, r) in enumerate(zip(maps, reference))]
-    raise AttnPatchError(
+    raise InputError(
         f"self-attention maps must be a tensor (B, h, w, h*w) or a dict/list of them, got "
         f"{type(maps).__name__}"
     )
@@ -305,17 +300,17 @@ def _as_pairs(maps: SelfMaps, reference: SelfMaps) -> list[tuple[str, torch.Tens
 def _check_self_pair(name: str, a: object, r: object) -> None:
     for what, t in (("maps", a), ("reference", r)):
         if not isinstance(t, torch.Tensor):
-            raise AttnPatchError(f"{what} {name} must be a tensor, got {type(t).__name__}")
+            raise InputError(f"{what} {name} must be a tensor, got {type(t).__name__}")
         if t.ndim != 4 or t.shape[-1] != t.shape[1] * t.shape[2]:
-            raise AttnPatchError(
+            raise InputError(
                 f"{what} {name} must be self-attention (B, h, w, h*w), got shape "
                 f"{tuple(t.shape)}; use AttentionStore.aggregate(kind='self', ...)"
             )
         if not t.is_floating_point():
-            raise AttnPatchError(f"{what} {name} must be floating point, got {t.dtype}")
+            raise InputError(f"{what} {name} must be floating point, got {t.dtype}")
     assert isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor)
     if r.shape[1:] != a.shape[1:] or r.shape[0] not in (1, a.shape[0]):
-        raise AttnPatchError(
+        raise InputError(
             f"reference {name} has shape {tuple(r.shape)} but maps {name} has "
             f"{tuple(a.shape)}; the reference must come from the same layers at the same "
             f"resolution (batch B or 1)"
@@ -347,7 +342,7 @@ def self_attention_structure(
     check_reduction(reduction)
     pairs = _as_pairs(maps, reference)
     if not pairs:
-        raise AttnPatchError(
+        raise InputError(
             "no self-attention maps given (empty dict/list); record self-attention layers"
         )
     per_layer = []
@@ -389,7 +384,7 @@ class CrossAttentionRegion(nn.Module):
         super().__init__()
         check_reduction(reduction)
         if mode not in _MODES:
-            raise AttnPatchError(
+            raise InputError(
                 f"mode must be 'repel' (attention off the patch) or 'attract' (onto it), got "
                 f"{mode!r}"
             )
@@ -429,7 +424,7 @@ class SelfAttentionStructure(nn.Module):
         elif isinstance(reference, (list, tuple)):
             self.reference = [v.detach() for v in reference]
         else:
-            raise AttnPatchError(
+            raise InputError(
                 f"reference must be a tensor (B, h, w, h*w) or a dict/list of them, got "
                 f"{type(reference).__name__}"
             )
@@ -437,7 +432,7 @@ class SelfAttentionStructure(nn.Module):
     def forward(self, maps: SelfMaps, reference: SelfMaps | None = None) -> torch.Tensor:
         ref = reference if reference is not None else self.reference
         if ref is None:
-            raise AttnPatchError(
+            raise InputError(
                 "no reference maps: pass SelfAttentionStructure(reference=clean_maps) or call "
                 "loss(maps, reference)"
             )

@@ -24,25 +24,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ._reduce import check_reduction, reduce
 
-__all__ = ["classifier_loss", "ClassifierLoss"]
+__all__ = ["classifier_loss", "ClassifierLoss", "CLASSIFIER_LOSSES"]
 
-_KINDS = ("ce", "cw")
+#: The classifier loss kinds: cross-entropy, Carlini-Wagner margin.
+CLASSIFIER_LOSSES = ("ce", "cw")
+_KINDS = CLASSIFIER_LOSSES
 
 
 def _check_options(kind: str, kappa: float) -> None:
     if kind not in _KINDS:
-        raise AttnPatchError(
+        raise InputError(
             f"kind must be 'ce' (cross-entropy) or 'cw' (Carlini-Wagner margin), got {kind!r}"
         )
     if not (kappa >= 0.0 and kappa < float("inf")):  # also rejects NaN
-        raise AttnPatchError(f"kappa must be a finite number >= 0, got {kappa!r}")
+        raise InputError(f"kappa must be a finite number >= 0, got {kappa!r}")
     if kind == "ce" and kappa != 0.0:
-        raise AttnPatchError(
-            f"kappa={kappa} only applies to kind='cw'; pass kind='cw' or drop kappa"
-        )
+        raise InputError(f"kappa={kappa} only applies to kind='cw'; pass kind='cw' or drop kappa")
 
 
 def _labels_tensor(
@@ -50,14 +50,14 @@ def _labels_tensor(
 ) -> torch.Tensor:
     batch, classes = logits.shape
     if isinstance(labels, bool):
-        raise AttnPatchError("labels must be class indices (ints), got a bool")
+        raise InputError("labels must be class indices (ints), got a bool")
     if isinstance(labels, int):
         labels = torch.full((batch,), labels, dtype=torch.long)
     elif not isinstance(labels, torch.Tensor):
         try:
             labels = torch.as_tensor(labels)
         except (TypeError, ValueError, RuntimeError):
-            raise AttnPatchError(
+            raise InputError(
                 f"labels must be a LongTensor (B,), a list of ints, or an int, got "
                 f"{type(labels).__name__}"
             ) from None
@@ -65,20 +65,18 @@ def _labels_tensor(
         hint = ""
         if labels.shape == logits.shape:
             hint = " They look like one-hot / probabilities: pass labels.argmax(dim=1)."
-        raise AttnPatchError(
-            f"labels must be integer class indices, got dtype {labels.dtype}.{hint}"
-        )
+        raise InputError(f"labels must be integer class indices, got dtype {labels.dtype}.{hint}")
     if labels.ndim == 0:
         labels = labels.expand(batch)
     if labels.shape != (batch,):
-        raise AttnPatchError(
+        raise InputError(
             f"labels must have shape (B,) = ({batch},) to match logits {tuple(logits.shape)}, "
             f"got {tuple(labels.shape)}"
         )
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
         bad = lo if lo < 0 else hi
-        raise AttnPatchError(
+        raise InputError(
             f"label {bad} is out of range for {classes} classes (valid: 0..{classes - 1}); "
             f"check the dataset's label mapping against the classifier's"
         )
@@ -118,14 +116,14 @@ def classifier_loss(
     check_reduction(reduction)
     _check_options(kind, kappa)
     if not isinstance(logits, torch.Tensor):
-        raise AttnPatchError(f"logits must be a torch.Tensor (B, C), got {type(logits).__name__}")
+        raise InputError(f"logits must be a torch.Tensor (B, C), got {type(logits).__name__}")
     if logits.ndim != 2:
         hint = " (add a batch dimension: logits.unsqueeze(0))" if logits.ndim == 1 else ""
-        raise AttnPatchError(f"logits must be 2-D (B, C), got shape {tuple(logits.shape)}{hint}")
+        raise InputError(f"logits must be 2-D (B, C), got shape {tuple(logits.shape)}{hint}")
     if not logits.is_floating_point():
-        raise AttnPatchError(f"logits must be floating point, got {logits.dtype}")
+        raise InputError(f"logits must be floating point, got {logits.dtype}")
     if logits.shape[1] < 2:
-        raise AttnPatchError(f"logits need at least 2 classes, got shape {tuple(logits.shape)}")
+        raise InputError(f"logits need at least 2 classes, got shape {tuple(logits.shape)}")
     y = _labels_tensor(labels, logits)
 
     if kind == "ce":

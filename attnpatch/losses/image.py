@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ..images import check_image
 from ._reduce import check_reduction, reduce
 
@@ -42,12 +42,12 @@ PRINTABLE_LEVELS = (0.1, 0.5, 0.9)
 
 def _check_tensor(x: object, name: str, ndim: int | tuple[int, ...], layout: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise AttnPatchError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
+        raise InputError(f"{name} must be a torch.Tensor {layout}, got {type(x).__name__}")
     dims = (ndim,) if isinstance(ndim, int) else ndim
     if x.ndim not in dims:
-        raise AttnPatchError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
+        raise InputError(f"{name} must be {layout}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise AttnPatchError(f"{name} must be a floating-point tensor, got {x.dtype}: use .float()")
+        raise InputError(f"{name} must be a floating-point tensor, got {x.dtype}: use .float()")
     return x
 
 
@@ -67,7 +67,7 @@ def downsample_mask(
         covered by the patch. Differentiable in ``mask``.
 
     Raises:
-        AttnPatchError: unless ``H == f * h`` and ``W == f * w`` for one integer ``f >= 1``
+        InputError: unless ``H == f * h`` and ``W == f * w`` for one integer ``f >= 1``
             (the same factor on both axes; a UNet's maps satisfy it for the image the UNet saw
             when the latent size is divisible by the UNet's downsampling). A mask at any other
             size belongs to a different image size, or was resized non-uniformly: resize the
@@ -81,14 +81,14 @@ def downsample_mask(
     if mask.ndim == 3:
         mask = mask.unsqueeze(1)
     if mask.shape[1] != 1:
-        raise AttnPatchError(
+        raise InputError(
             f"{name} must have one channel, (B, 1, H, W) or (B, H, W), got shape "
             f"{tuple(mask.shape)}; reduce an RGB mask with mask.amax(dim=1, keepdim=True)"
         )
     with torch.no_grad():
         lo, hi = float(mask.min()), float(mask.max())
     if not (lo >= 0.0 and hi <= 1.0):  # also rejects NaN
-        raise AttnPatchError(
+        raise InputError(
             f"{name} must lie in [0, 1] (1 = patch), got values in [{lo:.4g}, {hi:.4g}]"
         )
     h, w = int(size[0]), int(size[1])
@@ -97,7 +97,7 @@ def downsample_mask(
         return mask
     factor = big_h // h if h > 0 else 0
     if factor < 1 or big_h != factor * h or big_w != factor * w:
-        raise AttnPatchError(
+        raise InputError(
             f"{name} of size {big_h}x{big_w} does not match maps of resolution {h}x{w}: the "
             f"mask must be the maps' size times one integer factor on both axes (e.g. "
             f"{h * 8}x{w * 8} for a factor of 8). Pass the mask at the size of the image that "
@@ -138,7 +138,7 @@ def l2_norm(
     adv = _check_tensor(adv, "adv", 4, "(B, C, H, W)")
     clean = _check_tensor(clean, "clean", 4, "(B, C, H, W)")
     if clean.shape[1:] != adv.shape[1:] or clean.shape[0] not in (1, adv.shape[0]):
-        raise AttnPatchError(
+        raise InputError(
             f"clean {tuple(clean.shape)} must have the shape of adv {tuple(adv.shape)} (or batch "
             f"1); compare images with images and latents with latents"
         )
@@ -146,7 +146,7 @@ def l2_norm(
     if mask is not None:
         weights = downsample_mask(mask, tuple(adv.shape[-2:]))
         if weights.shape[0] not in (1, adv.shape[0]):
-            raise AttnPatchError(
+            raise InputError(
                 f"mask has batch {weights.shape[0]} but adv has batch {adv.shape[0]}; pass one "
                 f"mask per image or a single mask (batch 1) for all"
             )
@@ -219,14 +219,12 @@ def printable_palette(
         levels = torch.tensor(PRINTABLE_LEVELS, dtype=dtype, device=device)
         return torch.cartesian_prod(levels, levels, levels)
     if not isinstance(colors, torch.Tensor):
-        raise AttnPatchError(
+        raise InputError(
             f"palette must be a torch.Tensor (N, 3), got {type(colors).__name__}; "
             f"wrap it: torch.tensor(colors)"
         )
     if colors.ndim != 2 or colors.shape[1] != 3 or colors.shape[0] < 1:
-        raise AttnPatchError(
-            f"palette must be (N, 3) RGB with N >= 1, got shape {tuple(colors.shape)}"
-        )
+        raise InputError(f"palette must be (N, 3) RGB with N >= 1, got shape {tuple(colors.shape)}")
     if colors.is_floating_point():
         out, high = colors, 1.0
     else:
@@ -234,7 +232,7 @@ def printable_palette(
     lo, hi = float(colors.min()), float(colors.max())
     if not (lo >= 0.0 and hi <= high):
         hint = " They look like [0, 255] values: divide by 255." if hi > 1.0 and high == 1.0 else ""
-        raise AttnPatchError(
+        raise InputError(
             f"palette colours must lie in [0, {high:g}], got [{lo:.4g}, {hi:.4g}].{hint}"
         )
     return out.to(device=device if device is not None else out.device, dtype=dtype)

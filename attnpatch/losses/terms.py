@@ -24,7 +24,7 @@ from numbers import Real
 
 import torch
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 
 __all__ = ["LossTerms"]
 
@@ -35,14 +35,14 @@ TermValue = torch.Tensor | Callable[[], torch.Tensor]
 
 def _check_weight(name: object, weight: object) -> float:
     if not isinstance(name, str) or not name:
-        raise AttnPatchError(f"loss term names must be non-empty strings, got {name!r}")
+        raise InputError(f"loss term names must be non-empty strings, got {name!r}")
     if name == "total":
-        raise AttnPatchError("'total' is reserved for the weighted sum; name the term otherwise")
+        raise InputError("'total' is reserved for the weighted sum; name the term otherwise")
     if isinstance(weight, bool) or not isinstance(weight, Real):
-        raise AttnPatchError(f"weight of term {name!r} must be a number, got {weight!r}")
+        raise InputError(f"weight of term {name!r} must be a number, got {weight!r}")
     w = float(weight)
     if not math.isfinite(w) or w < 0:
-        raise AttnPatchError(
+        raise InputError(
             f"weight of term {name!r} must be finite and >= 0, got {weight!r}: every attnpatch "
             f"loss is already minimised (flip a loss with its own option, e.g. targeted= or "
             f"mode=, not with a negative weight); 0 switches the term off"
@@ -72,7 +72,7 @@ class LossTerms:
 
     def __init__(self, weights: Mapping[str, float]):
         if not isinstance(weights, Mapping):
-            raise AttnPatchError(
+            raise InputError(
                 f"weights must be a dict {{name: weight}}, got {type(weights).__name__}"
             )
         self._weights: dict[str, float] = {n: _check_weight(n, w) for n, w in weights.items()}
@@ -87,7 +87,7 @@ class LossTerms:
 
     def _known(self, name: str) -> float:
         if name not in self._weights:
-            raise AttnPatchError(
+            raise InputError(
                 f"unknown loss term {name!r}; known terms: {sorted(self._weights)}. Fix the "
                 f"name, or register a new term with add({name!r}, value, weight=w)"
             )
@@ -101,7 +101,7 @@ class LossTerms:
         True
         """
         if not names:
-            raise AttnPatchError("wants() needs at least one term name")
+            raise InputError("wants() needs at least one term name")
         return any(self._known(n) != 0.0 for n in names)
 
     # -- values -------------------------------------------------------------------------------
@@ -118,14 +118,14 @@ class LossTerms:
         """
         if weight is not None:
             if name in self._weights:
-                raise AttnPatchError(
+                raise InputError(
                     f"term {name!r} already has weight {self._weights[name]:g}; weight= only "
                     f"registers new names (change weights in LossTerms({{...}}))"
                 )
             self._weights[name] = _check_weight(name, weight)
         w = self._known(name)
         if name in self._values or name in self._skipped:
-            raise AttnPatchError(
+            raise InputError(
                 f"term {name!r} was already added; call terms.clear() (or create a new "
                 f"LossTerms) before the next iteration"
             )
@@ -135,17 +135,17 @@ class LossTerms:
         if callable(value) and not isinstance(value, torch.Tensor):
             value = value()
         if not isinstance(value, torch.Tensor):
-            raise AttnPatchError(
+            raise InputError(
                 f"term {name!r} must be a tensor (or a callable returning one), got "
                 f"{type(value).__name__}"
             )
         if value.numel() != 1:
-            raise AttnPatchError(
+            raise InputError(
                 f"term {name!r} must be a scalar, got shape {tuple(value.shape)}; reduce it "
                 f"first (reduction='mean')"
             )
         if not (value.is_floating_point() or value.is_complex()):
-            raise AttnPatchError(f"term {name!r} must be floating point, got {value.dtype}")
+            raise InputError(f"term {name!r} must be floating point, got {value.dtype}")
         self._values[name] = value
         return value
 
@@ -165,7 +165,7 @@ class LossTerms:
         off stays off). What a balancer (:class:`~attnpatch.losses.GradientShares`) used is
         then what :meth:`total`, :meth:`as_dict` and ``print`` show."""
         if set(weights) != set(self._weights):
-            raise AttnPatchError(
+            raise InputError(
                 f"with_weights needs the same names {sorted(self._weights)}, got {sorted(weights)}"
             )
         out = LossTerms(weights)
@@ -181,11 +181,11 @@ class LossTerms:
         """The weighted sum of the added terms: a scalar tensor with their graphs."""
         if not self._values:
             if self._skipped:
-                raise AttnPatchError(
+                raise InputError(
                     f"every term added has weight 0 ({sorted(self._skipped)}): there is nothing "
                     f"to minimise; give one a non-zero weight"
                 )
-            raise AttnPatchError(
+            raise InputError(
                 "no loss term was added; call terms.add(name, value) before terms.total()"
             )
         if not allow_missing:
@@ -195,7 +195,7 @@ class LossTerms:
                 if w != 0.0 and n not in self._values and n not in self._skipped
             ]
             if missing:
-                raise AttnPatchError(
+                raise InputError(
                     f"terms {missing} have non-zero weights but were never added; add them, "
                     f"set their weight to 0, or call total(allow_missing=True)"
                 )
@@ -203,7 +203,7 @@ class LossTerms:
             vals = torch.stack([v.detach().reshape(()) for v in self._values.values()])
             if not bool(torch.isfinite(vals).all()):
                 bad = {n: float(v) for n, v in self._values.items() if not torch.isfinite(v).all()}
-                raise AttnPatchError(
+                raise InputError(
                     f"non-finite loss terms {bad}: a backward pass would corrupt the patch. "
                     f"Check the inputs of these terms (or total(check_finite=False))"
                 )

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .._util import as_pair
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, InputError, ModelError
 from ..images import check_image
 
 __all__ = ["NormalizedClassifier", "probe_classifier", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -75,17 +75,17 @@ class NormalizedClassifier(nn.Module):
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
-            raise AttnPatchError(
+            raise InputError(
                 f"a classifier must be a torch.nn.Module, got {type(model).__name__}; wrap your "
                 "function in an nn.Module whose forward returns logits (B, classes)"
             )
         if (mean is None) != (std is None):
-            raise AttnPatchError("give both mean and std (per-channel, 3 values each) or neither")
+            raise InputError("give both mean and std (per-channel, 3 values each) or neither")
         self.model = model
         if mean is not None and std is not None:
             m, s = _channel_stats(mean, "mean"), _channel_stats(std, "std")
             if (s <= 0).any():
-                raise AttnPatchError(f"std must be positive, got {s.flatten().tolist()}")
+                raise InputError(f"std must be positive, got {s.flatten().tolist()}")
             self.register_buffer("mean", m)
             self.register_buffer("std", s)
         else:
@@ -129,7 +129,7 @@ def _channel_stats(value: Sequence[float] | torch.Tensor, name: str) -> torch.Te
     if t.numel() == 1:
         t = t.expand(3)
     if t.numel() != 3:
-        raise AttnPatchError(f"{name} needs 3 values (one per RGB channel), got {t.numel()}")
+        raise InputError(f"{name} needs 3 values (one per RGB channel), got {t.numel()}")
     return t.reshape(1, 3, 1, 1).clone()
 
 
@@ -144,7 +144,7 @@ def probe_classifier(
 
     Runs one gray batch ``(2, 3, H, W)`` (every pixel 0.5; ``input_size`` is ``H = W`` or
     ``(H, W)``) under ``torch.no_grad()`` on the device and floating dtype of the model's first
-    parameter (else buffer; else CPU float32). Raises :class:`AttnPatchError`, naming the model
+    parameter (else buffer; else CPU float32). Raises :class:`~attnpatch.errors.ModelError`, naming the model
     (``name``, default its class name) and the fix, when the model fails on that input, returns
     anything but a tensor (a tuple, a ``ModelOutput`` with ``.logits``), returns a shape other
     than ``(2, C)``, returns ``C < 2`` logits, or ``C != len(classes)`` when ``classes`` is
@@ -167,7 +167,7 @@ def probe_classifier(
     except AttnPatchError:
         raise
     except Exception as e:
-        raise AttnPatchError(
+        raise ModelError(
             f"classifier {shown!r} failed on a probe batch (2, 3, {h}, {w}) in [0, 1] "
             f"({type(e).__name__}: {e}); pass input_size=(H, W) it accepts, or fix the model"
         ) from e
@@ -177,23 +177,23 @@ def probe_classifier(
             if hasattr(out, "logits")
             else " Wrap the model so forward returns the logits tensor."
         )
-        raise AttnPatchError(
+        raise ModelError(
             f"classifier {shown!r} returned {type(out).__name__}, not logits (B, classes).{hint}"
         )
     if out.ndim != 2 or out.shape[0] != 2:
-        raise AttnPatchError(
+        raise ModelError(
             f"classifier {shown!r} must return logits (B, classes); on a probe batch of B=2 it "
             f"returned shape {tuple(out.shape)}. Make forward return one row of class scores per "
             "image (e.g. flatten or pool spatial outputs)"
         )
     c = int(out.shape[1])
     if classes is not None and len(classes) != c:
-        raise AttnPatchError(
+        raise ModelError(
             f"classifier {shown!r} returns {c} logits per image but {len(classes)} class "
             "names were given; pass classes= with one name per logit"
         )
     if c < 2:
-        raise AttnPatchError(
+        raise ModelError(
             f"classifier {shown!r} returns {c} logit per image; attacks need at least 2 classes "
             "(a binary model should return 2 logits)"
         )
@@ -212,13 +212,13 @@ def _import_optional(module: str, extra: str = "vision") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise AttnPatchError(
+        raise ModelError(
             f"{module} is not installed, so '{module}:<model>' classifiers are unavailable; "
             f"install it with pip install 'attnpatch[{extra}]' (a torch / torchvision pair that "
             "load together, and timm), or use a registered classifier such as 'tiny'"
         ) from e
     except Exception as e:  # e.g. RuntimeError: operator torchvision::nms does not exist
-        raise AttnPatchError(
+        raise ModelError(
             f"{module} is installed but does not import beside torch {torch.__version__} "
             f"({type(e).__name__}: {e}); its compiled ops need the torch release it was built "
             f"for: install a matching pair with pip install 'attnpatch[{extra}]'"
@@ -246,14 +246,14 @@ def _torchvision_weights(tv: Any, name: str, weights: Any) -> tuple[Path | None,
         if os.path.sep in text or text.lower().endswith(_WEIGHT_SUFFIXES):
             return Path(text).expanduser(), None  # load_weights says it is not found
         names = [] if enum is None else list(enum.__members__)
-        raise AttnPatchError(
+        raise ModelError(
             f"weights {text!r} are neither a local file nor a torchvision weights name of "
             f"{name!r} (its names: {names}); pass the path of an existing .pth / .safetensors "
             "state dict, or one of those names"
         )
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
     if not cached.is_file():
-        raise AttnPatchError(
+        raise ModelError(
             f"torchvision weights {enum.__name__}.{member.name} of {name!r} are not on this "
             f"machine ({cached} does not exist) and attnpatch never downloads; download "
             f"{member.url} to that path (or point $TORCH_HOME at the folder holding "
@@ -269,20 +269,20 @@ def build_torchvision(spec: str, weights: Any, kwargs: dict[str, Any]) -> Normal
     loaded strictly with :func:`load_weights`), or a torchvision weights name (``"DEFAULT"``,
     ``"IMAGENET1K_V2"``, ``"ResNet50_Weights.IMAGENET1K_V2"``) whose file is already cached;
     torchvision then loads it and its ``meta["categories"]`` become the classes. A name whose
-    file is not cached raises :class:`AttnPatchError` (nothing is downloaded), as does
+    file is not cached raises :class:`~attnpatch.errors.ModelError` (nothing is downloaded), as does
     torchvision's deprecated ``pretrained=`` (it downloads). ImageNet mean/std, (224, 224).
     """
     tv = _import_optional("torchvision")
     name = spec.split(":", 1)[1]
     if "pretrained" in kwargs:
-        raise AttnPatchError(
+        raise ModelError(
             f"torchvision's pretrained= is its deprecated, downloading interface; for {spec!r} "
             "pass weights=<local file>, or weights='DEFAULT' with the file in $TORCH_HOME"
         )
     available = list(tv.models.list_models())
     if name not in available:
         close = difflib.get_close_matches(name, available, n=3)
-        raise AttnPatchError(
+        raise ModelError(
             f"torchvision has no model {name!r}."
             + (f" Did you mean {close}?" if close else "")
             + " See torchvision.models.list_models() for the names"
@@ -291,7 +291,7 @@ def build_torchvision(spec: str, weights: Any, kwargs: dict[str, Any]) -> Normal
     try:
         model = tv.models.get_model(name, weights=named, **kwargs)
     except Exception as e:
-        raise AttnPatchError(
+        raise ModelError(
             f"torchvision could not build {name!r} with {kwargs or 'no arguments'} "
             f"({type(e).__name__}: {e}); fix the arguments (a weights name fixes num_classes)"
         ) from e
@@ -311,14 +311,14 @@ def build_timm(spec: str, kwargs: dict[str, Any]) -> NormalizedClassifier:
     model's ``pretrained_cfg``). Random weights unless ``pretrained=True`` with a local file:
     ``pretrained_cfg_overlay=dict(file=PATH)`` (timm's own loader: it adapts the classifier
     head to ``num_classes``); ``pretrained=True`` without one would download from the Hugging
-    Face hub and raises :class:`AttnPatchError`. A head-less model (``num_classes=0``, which
+    Face hub and raises :class:`~attnpatch.errors.ModelError`. A head-less model (``num_classes=0``, which
     returns features) is refused.
     """
     timm = _import_optional("timm")
     name = spec.split(":", 1)[1]
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise AttnPatchError(
+        raise ModelError(
             f"timm has no model {name!r}."
             + (f" Did you mean {close}?" if close else "")
             + " See timm.list_models() (hub ids are not downloaded: pass the local file)"
@@ -327,26 +327,26 @@ def build_timm(spec: str, kwargs: dict[str, Any]) -> NormalizedClassifier:
     if kwargs.get("pretrained"):
         file = overlay.get("file")
         if file is None and overlay.get("state_dict") is None:
-            raise AttnPatchError(
+            raise ModelError(
                 f"timm's pretrained=True would download the weights of {name!r}, and attnpatch "
                 "never downloads; pass the file you have: pretrained=True, "
                 "pretrained_cfg_overlay=dict(file=PATH) (or weights=PATH for a state dict of "
                 "this architecture)"
             )
         if file is not None and not Path(file).expanduser().is_file():
-            raise AttnPatchError(
+            raise ModelError(
                 f"pretrained_cfg_overlay file {str(file)!r} not found; pass an existing "
                 f".safetensors / .pth file of the weights of {name!r}"
             )
     try:
         model = timm.create_model(name, **kwargs)
     except Exception as e:
-        raise AttnPatchError(
+        raise ModelError(
             f"timm could not build {name!r} with {sorted(kwargs) or 'no arguments'} "
             f"({type(e).__name__}: {e}); fix the arguments, or the weights file"
         ) from e
     if getattr(model, "num_classes", None) == 0:
-        raise AttnPatchError(
+        raise ModelError(
             f"timm model {name!r} was built without a classifier head (num_classes=0: it "
             "returns features); pass num_classes >= 2 or leave it at the default"
         )
@@ -361,11 +361,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
     ``.safetensors``, or a ``torch.save``'d dict (``weights_only=True``), possibly under a
     ``"state_dict"`` / ``"model"`` / ``"model_state_dict"`` key, ``module.`` prefixes stripped.
-    A missing file, an unreadable one, or one that does not fit raises :class:`AttnPatchError`.
+    A missing file, an unreadable one, or one that does not fit raises :class:`~attnpatch.errors.ModelError`.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise AttnPatchError(
+        raise ModelError(
             f"weights file {str(path)!r} not found; pass the path of a local .safetensors, .pt "
             "or .pth state dict"
         )
@@ -377,7 +377,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise AttnPatchError(
+        raise ModelError(
             f"cannot read weights {str(path)!r} ({type(e).__name__}: {e}); save them with "
             "torch.save(model.state_dict(), path) or safetensors.torch.save_file"
         ) from e
@@ -386,18 +386,18 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> None:
             state = state[key]
             break
     if not isinstance(state, dict):
-        raise AttnPatchError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
+        raise ModelError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches raise even with strict=False
-        raise AttnPatchError(
+        raise ModelError(
             f"weights {str(path)!r} do not fit the model: {str(e).strip().splitlines()[-1]}; "
             "load the weights of this architecture (and the same num_classes)"
         ) from e
     if result.missing_keys or result.unexpected_keys:
-        raise AttnPatchError(
+        raise ModelError(
             f"weights {str(path)!r} do not fit the model: missing {result.missing_keys[:5]}"
             f"{'...' if len(result.missing_keys) > 5 else ''}, unexpected "
             f"{result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}; "

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import AttnPatchError
+from ..errors import InputError, ModelError
 from .tiny import _bytes_to_unicode
 
 __all__ = ["CLIP_VOCAB_SIZE", "clip_bpe_path", "clip_tokenizer"]
@@ -47,7 +47,7 @@ def clip_bpe_path() -> Path:
     """The BPE merge list shipped by the installed ``open-clip-torch``, found without importing
     ``open_clip`` (whose ``__init__`` imports torchvision).
 
-    Raises :class:`AttnPatchError` when open-clip-torch is not installed or lacks the file.
+    Raises :class:`~attnpatch.errors.ModelError` when open-clip-torch is not installed or lacks the file.
     """
     spec = importlib.util.find_spec("open_clip")  # a top-level find: nothing is executed
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
@@ -56,7 +56,7 @@ def clip_bpe_path() -> Path:
         if path.is_file():
             return path
     where = f" (looked in {folders})" if folders else ""
-    raise AttnPatchError(
+    raise ModelError(
         f"CLIP's BPE vocabulary {_BPE_FILE} was not found: open-clip-torch is not installed"
         f"{where}; run `{_INSTALL}` (only its vocabulary file is read), or pass "
         "clip_tokenizer(path=...) the merges file (.txt or .txt.gz)"
@@ -74,13 +74,13 @@ def _vocab_and_merges(
         with opener(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
     except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise AttnPatchError(
+        raise ModelError(
             f"cannot read the BPE merges file {path}: {exc}; pass the bpe_simple_vocab_16e6"
             f".txt.gz of open-clip-torch (or `{_INSTALL}` and leave path unset)"
         ) from exc
     merges = tuple(tuple(line.split()) for line in lines[1 : _N_MERGES + 1])  # line 0: #version
     if len(merges) < _N_MERGES or any(len(m) != 2 for m in merges):
-        raise AttnPatchError(
+        raise ModelError(
             f"{path} is not CLIP's BPE merge list (a '#version' line, then at least "
             f"{_N_MERGES} lines of two symbols; got {len(lines)} lines); pass open_clip's "
             f"{_BPE_FILE}"
@@ -90,7 +90,7 @@ def _vocab_and_merges(
     tokens += [_BOS, _EOS]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != CLIP_VOCAB_SIZE:
-        raise AttnPatchError(
+        raise ModelError(
             f"{path} gives {len(vocab)} distinct tokens, not CLIP's {CLIP_VOCAB_SIZE}; pass "
             f"open_clip's {_BPE_FILE}"
         )
@@ -129,30 +129,30 @@ def clip_tokenizer(
     so nothing is cached on disk. ``tok.save_pretrained(folder)`` writes a diffusers-style
     ``tokenizer/`` folder that ``CLIPTokenizer.from_pretrained`` reads back.
 
-    Raises :class:`AttnPatchError` when open-clip-torch is missing and no ``path`` is given
+    Raises :class:`~attnpatch.errors.ModelError` when open-clip-torch is missing and no ``path`` is given
     (install it with ``pip install --no-deps open-clip-torch``), when ``path`` is not CLIP's
     merge list, or on a bad ``model_max_length`` / ``pad_token``.
     """
     from transformers import CLIPTokenizer
 
     if isinstance(model_max_length, bool) or not isinstance(model_max_length, int):
-        raise AttnPatchError(
+        raise InputError(
             f"model_max_length must be an int, got {model_max_length!r}; pass 77 (SD's length)"
         )
     if model_max_length < 2:
-        raise AttnPatchError(
+        raise InputError(
             f"model_max_length={model_max_length} leaves no room for BOS and EOS; pass 77"
         )
     bpe = Path(path) if path is not None else clip_bpe_path()
     if not bpe.is_file():
-        raise AttnPatchError(
+        raise ModelError(
             f"BPE merges file {bpe} does not exist; pass an existing bpe_simple_vocab_16e6"
             f".txt.gz, or `{_INSTALL}` and leave path unset"
         )
     pairs, merges = _vocab_and_merges(str(bpe.resolve()), bpe.stat().st_mtime_ns)
     vocab = dict(pairs)
     if pad_token not in vocab:
-        raise AttnPatchError(
+        raise InputError(
             f"pad_token {pad_token!r} is not in CLIP's vocabulary; pass '<|endoftext|>' (SD1.x) "
             "or '!' (SD2.x, SDXL's tokenizer_2)"
         )

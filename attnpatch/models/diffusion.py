@@ -18,7 +18,7 @@ import torch
 
 from .._util import freeze
 from ..diffusion import DiffusionParts, part_dtypes
-from ..errors import AttnPatchError, ModelError
+from ..errors import InputError, ModelError
 from .dit import check_dit_parts, dit_variant, load_dit_folder, to_flow_scheduler
 
 __all__ = ["load_diffusers_folder", "as_parts", "detect_variant"]
@@ -100,7 +100,7 @@ def _check_parts(parts: DiffusionParts, spec: Any) -> None:
     widths = [te.config.hidden_size for te in parts.text_encoders]
     cross = parts.unet.config.cross_attention_dim
     if sum(widths) != cross:
-        raise AttnPatchError(
+        raise ModelError(
             f"diffusion stack {spec!r}: the UNet's cross_attention_dim is {cross} but the text "
             f"encoder(s) give {widths} (sum {sum(widths)}); load the text encoder(s) of the same "
             "model (SDXL needs text_encoder and text_encoder_2)"
@@ -140,14 +140,14 @@ def load_diffusers_folder(
 
     root = Path(folder).expanduser()
     if root.is_file():
-        raise AttnPatchError(
+        raise ModelError(
             f"{str(root)!r} is a single file; attnpatch reads diffusers model folders. Convert "
             "it once: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
         )
     kw: dict[str, Any] = {"local_files_only": True}
     if torch_dtype is not None:
         if dtype is not None:
-            raise AttnPatchError("pass torch_dtype= or dtype=, not both")
+            raise InputError("pass torch_dtype= or dtype=, not both")
         per_part = part_dtypes(torch_dtype)
     else:
         per_part = {"unet": dtype, "vae": dtype, "text_encoder": dtype}
@@ -156,7 +156,7 @@ def load_diffusers_folder(
     needed = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     missing = [d for d in needed if not (root / d).is_dir()]
     if missing:
-        raise AttnPatchError(
+        raise ModelError(
             f"{str(root)!r} is not a complete diffusers model folder: {missing} missing. Pass the "
             f"folder that holds {needed} (e.g. from save_pretrained or huggingface-cli download "
             "--local-dir)"
@@ -182,7 +182,7 @@ def load_diffusers_folder(
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", **kw)
         scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(root / "scheduler"))
     except (OSError, ValueError) as e:
-        raise AttnPatchError(
+        raise ModelError(
             f"cannot load the diffusers folder {str(root)!r}: {type(e).__name__}: {e}. Check "
             "that its weights and configs are complete (re-download or re-save it)"
         ) from e

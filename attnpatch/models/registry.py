@@ -48,8 +48,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._util import deprecated
 from ..diffusion import DiffusionParts, part_dtypes
-from ..errors import AttnPatchError
+from ..errors import InputError, ModelError
 from .classifier import (
     NormalizedClassifier,
     build_timm,
@@ -88,12 +89,12 @@ _DIFFUSION: dict[str, Callable[..., Any]] = {}
 
 def _check_name(name: str, table: dict[str, Any], overwrite: bool, kind: str) -> None:
     if not isinstance(name, str) or not name or ":" in name:
-        raise AttnPatchError(
+        raise InputError(
             f"{kind} name must be a non-empty string without ':' (reserved for "
             f"'torchvision:'/'timm:'), got {name!r}"
         )
     if name in table and not overwrite:
-        raise AttnPatchError(
+        raise InputError(
             f"{kind} {name!r} is already registered; pick another name or pass overwrite=True"
         )
 
@@ -139,9 +140,9 @@ def register_classifier(
         return decorator
     _check_name(name, _CLASSIFIERS, overwrite, "classifier")
     if not callable(factory):
-        raise AttnPatchError(f"factory for {name!r} must be callable, got {factory!r}")
+        raise InputError(f"factory for {name!r} must be callable, got {factory!r}")
     if (mean is None) != (std is None):
-        raise AttnPatchError("give both mean and std to register_classifier, or neither")
+        raise InputError("give both mean and std to register_classifier, or neither")
     size = (input_size, input_size) if isinstance(input_size, int) else input_size
     _CLASSIFIERS[name] = _ClassifierEntry(factory, mean, std, size, classes)
     return factory
@@ -166,7 +167,7 @@ def register_diffusion(
         return decorator
     _check_name(name, _DIFFUSION, overwrite, "diffusion stack")
     if not callable(factory):
-        raise AttnPatchError(f"factory for {name!r} must be callable, got {factory!r}")
+        raise InputError(f"factory for {name!r} must be callable, got {factory!r}")
     _DIFFUSION[name] = factory
     return factory
 
@@ -181,10 +182,10 @@ def diffusion_names() -> list[str]:
     return sorted(_DIFFUSION)
 
 
-def _unknown(spec: str, names: list[str], kind: str, extra: str) -> AttnPatchError:
+def _unknown(spec: str, names: list[str], kind: str, extra: str) -> ModelError:
     close = difflib.get_close_matches(spec, names, n=3)
     hint = f" Did you mean {close}?" if close else ""
-    return AttnPatchError(
+    return ModelError(
         f"unknown {kind} {spec!r}.{hint} Registered: {names}; {extra}, or register your own with "
         f"register_{'classifier' if kind == 'classifier' else 'diffusion'}(name, factory)"
     )
@@ -235,7 +236,7 @@ def load_classifier(
         A frozen :class:`NormalizedClassifier` in eval mode. It was run once on a probe batch
         ``(2, 3, H, W)`` of gray images: anything but logits ``(2, C)`` (a tuple, a
         ``ModelOutput``, a wrong batch size, a width different from ``len(classes)``) raises
-        :class:`AttnPatchError` here, before any training.
+        :class:`~attnpatch.errors.ModelError` here, before any training.
     """
     size = (input_size, input_size) if isinstance(input_size, int) else input_size
     normalised = False  # whether mean/std were applied while wrapping
@@ -245,7 +246,7 @@ def load_classifier(
         wrapper = NormalizedClassifier(spec, mean, std, classes=classes, name=type(spec).__name__)
         normalised = True
     elif not isinstance(spec, str):
-        raise AttnPatchError(
+        raise InputError(
             f"classifier spec must be a name, 'torchvision:<model>', 'timm:<model>' or an "
             f"nn.Module, got {type(spec).__name__}"
         )
@@ -264,7 +265,7 @@ def load_classifier(
                 built, entry.mean, entry.std, classes=entry.classes, input_size=entry.input_size
             )
         else:
-            raise AttnPatchError(
+            raise ModelError(
                 f"the factory registered as {spec!r} returned {type(built).__name__}, not an "
                 "nn.Module; make it return the model"
             )
@@ -319,7 +320,8 @@ def load_diffusion(
             folder (SD1.x / 2.x / XL, SD3 / SD3.5, Flux; see
             :func:`load_diffusers_folder`), or a ``DiffusionParts``-like object.
             Hub ids are not downloaded: download once, pass the folder.
-        device, dtype: where the networks go (``dtype`` is also the loading dtype of folders).
+        device, dtype: where the networks go (``dtype`` is also the loading dtype of folders;
+            deprecated: it warns, and goes in attnpatch 0.3.0: pass ``torch_dtype``).
         torch_dtype: half precision done right: ``torch.float16`` / ``torch.bfloat16`` (or
             their names; ``float32`` the default). Folders load each part in its dtype through
             diffusers' / transformers' own ``torch_dtype`` loading; built stacks (registered
@@ -335,8 +337,14 @@ def load_diffusion(
     ``FlowMatchEulerDiscreteScheduler`` (SD3 / Flux stacks: ``"tiny-sd3"``, ``"tiny-flux"``,
     their folders; ``parts.transformer`` holds the network and ``parts.unet`` is ``None``).
     """
+    if dtype is not None:
+        deprecated(
+            "load_diffusion(dtype=...)",
+            "load_diffusion(torch_dtype=...) (half precision per part), or parts.to(dtype) "
+            "after loading (one cast of everything)",
+        )
     if torch_dtype is not None and dtype is not None:
-        raise AttnPatchError(
+        raise InputError(
             "pass torch_dtype= (per-part half precision) or dtype= (one cast of everything), "
             "not both"
         )
@@ -347,7 +355,7 @@ def load_diffusion(
         path = Path(spec).expanduser()
         if path.exists():
             if kwargs:
-                raise AttnPatchError(
+                raise InputError(
                     f"unexpected arguments {sorted(kwargs)} for a model folder; folders take "
                     "device=, dtype= and torch_dtype= only"
                 )
@@ -393,7 +401,7 @@ def _tiny_diffusion(variant: str) -> Callable[..., DiffusionParts]:
 def _shapes_diffusion() -> DiffusionParts:
     """The tiny SD trained on the shapes world, from the weights shipped in the package."""
     if not (SHAPES_WEIGHTS / "unet" / "config.json").is_file():
-        raise AttnPatchError(
+        raise ModelError(
             f"the shipped 'shapes' weights are missing from {SHAPES_WEIGHTS}; reinstall "
             "attnpatch, or rebuild them with python -m attnpatch.models.train_shapes --out DIR "
             "and load DIR"

@@ -34,7 +34,7 @@ from torch import nn
 
 from .._util import atomic_write, one_thread, seeded
 from ..data import ShapesConfig, shapes_dataset
-from ..errors import AttnPatchError
+from ..errors import InputError, ModelError
 from .classifier import NormalizedClassifier
 from .tiny_classifiers import ShapesNet, TinyResNet, TinyStridedCNN
 
@@ -113,7 +113,7 @@ TINY_CLASSIFIERS: tuple[str, ...] = tuple(_ARCHS)
 
 def _arch(name: str) -> _Arch:
     if name not in _ARCHS:
-        raise AttnPatchError(
+        raise ModelError(
             f"unknown tiny classifier architecture {name!r}; choose from {list(_ARCHS)}"
         )
     return _ARCHS[name]
@@ -194,7 +194,7 @@ def train_tiny_classifier(
     train = shapes_dataset(config, "train")
     heldout = shapes_dataset(config, "heldout")
     if len(train) == 0:
-        raise AttnPatchError("train_per_class is 0: the tiny classifier needs training images")
+        raise InputError("train_per_class is 0: the tiny classifier needs training images")
     with one_thread(), torch.enable_grad():  # trains even when called under no_grad
         with seeded(seed):
             model = spec.build(len(config.classes), recipe["width"])

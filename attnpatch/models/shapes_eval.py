@@ -20,7 +20,7 @@ import torch
 from .._util import derive_seed, one_thread
 from ..data import SHAPE_CLASSES, render_shapes
 from ..diffusion import PROMPT_TEMPLATE, AttentionPipeline, DiffusionParts, token_indices
-from ..errors import AttnPatchError
+from ..errors import InputError
 from .shapes_sd import label_mass_ratio
 
 __all__ = ["heldout_scenes", "word_maps", "localisation", "centre_of_mass", "generate"]
@@ -73,9 +73,9 @@ def word_maps(
             defaults to the images' size).
     """
     if half not in ("cond", "uncond"):
-        raise AttnPatchError(f"half must be 'cond' or 'uncond', got {half!r}")
+        raise InputError(f"half must be 'cond' or 'uncond', got {half!r}")
     if half == "uncond" and pipeline.get("guidance_scale", 1.0) == 1.0:
-        raise AttnPatchError(
+        raise InputError(
             'half="uncond" needs guidance_scale != 1 (a classifier-free batch); pass one'
         )
     pipeline.setdefault("image_size", tuple(images.shape[-2:]))

@@ -37,7 +37,7 @@ import torch
 
 from .._util import freeze, seeded
 from ..diffusion import DiffusionParts
-from ..errors import AttnPatchError
+from ..errors import InputError, ModelError
 
 __all__ = [
     "tiny_sd",
@@ -177,7 +177,7 @@ def _unet_config(variant: str, sample_size: int = 32, deep: bool = False) -> dic
     )
     if deep:
         if variant != "sd15":
-            raise AttnPatchError("deep=True exists for the sd15 variant only")
+            raise InputError("deep=True exists for the sd15 variant only")
         return dict(
             common,
             block_out_channels=(4, 8, 8),
@@ -297,7 +297,7 @@ def reference_unet(
     from diffusers import UNet2DConditionModel
 
     if name not in REFERENCE_UNET_CONFIGS:
-        raise AttnPatchError(
+        raise ModelError(
             f"unknown reference UNet {name!r}; choose one of {sorted(REFERENCE_UNET_CONFIGS)}"
         )
     with torch.device(device):
@@ -368,4 +368,4 @@ def save_tiny_sd(sd: DiffusionParts, folder: str | os.PathLike) -> str:
 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise AttnPatchError(f"unknown tiny variant {variant!r}; choose one of {VARIANTS}")
+        raise ModelError(f"unknown tiny variant {variant!r}; choose one of {VARIANTS}")

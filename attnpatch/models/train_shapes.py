@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from .._util import atomic_write, derive_seed, one_thread
 from ..data import SHAPE_CLASSES, render_shapes, shape_captions
 from ..diffusion import DiffusionParts
-from ..errors import AttnPatchError
+from ..errors import ConfigError, RunFolderError
 from .shapes_sd import SHAPES_IMAGE_SIZE, shapes_sd
 from .tiny import save_tiny_sd
 
@@ -63,9 +63,9 @@ class ShapesTrainConfig:
     def __post_init__(self) -> None:
         for name in ("pool", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise AttnPatchError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vae_steps < 0 or self.unet_steps < 0:
-            raise AttnPatchError("vae_steps and unet_steps must be >= 0")
+            raise ConfigError("vae_steps and unet_steps must be >= 0")
 
 
 def render_pool(config: ShapesTrainConfig) -> dict[str, torch.Tensor]:
@@ -132,7 +132,7 @@ class _Run:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["config"] != dataclasses.asdict(self.config):
-            raise AttnPatchError(
+            raise RunFolderError(
                 "the checkpoint was written with other settings: "
                 f"{state['config']} vs {dataclasses.asdict(self.config)}; resume with the same "
                 "flags, or start a new --out folder"
@@ -268,7 +268,7 @@ def train_shapes(
     out = Path(out)
     ckpt = out / "checkpoint.pt"
     if out.exists() and any(out.iterdir()) and not resume:
-        raise AttnPatchError(
+        raise RunFolderError(
             f"{out} is not empty; pass --resume to continue its run, or choose a new --out"
         )
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@
 
 from .eot import EOT, EOTDraw, eot_matrix, photometric
 from .patch import MASK_SHAPES, AdversarialPatch, patch_mask
-from .placement import PatchParams, apply_patch, patch_matrix, sample_boxes
+from .placement import POSITIONS, PatchParams, apply_patch, patch_matrix, sample_boxes
 
 __all__ = [
     "AdversarialPatch",
@@ -20,6 +20,7 @@ __all__ = [
     "patch_matrix",
     "sample_boxes",
     "MASK_SHAPES",
+    "POSITIONS",
     "EOT",
     "EOTDraw",
     "eot_matrix",

@@ -38,24 +38,24 @@ from typing import Any
 import torch
 from kornia.geometry.transform import get_perspective_transform
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 
 __all__ = ["EOT", "EOTDraw", "eot_matrix", "photometric"]
 
 
 def _pair(value: Any, name: str) -> tuple[float, float]:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise AttnPatchError(
+        raise InputError(
             f"EOT {name} must be a (low, high) pair, got {value!r}; pass e.g. (0.9, 1.1)"
         )
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise AttnPatchError(
+        raise InputError(
             f"EOT {name} must be a (low, high) pair of numbers, got {value!r}; pass e.g. (0.9, 1.1)"
         ) from None
     if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or low > high:
-        raise AttnPatchError(
+        raise InputError(
             f"EOT {name} must satisfy 0 < low <= high, got ({low:g}, {high:g}); pass e.g. (0.9, 1.1), "
             f"or (1.0, 1.0) to turn it off"
         )
@@ -64,13 +64,11 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
 
 def _amount(value: Any, name: str, upper: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AttnPatchError(f"EOT {name} must be a number, got {value!r}; pass 0 to turn it off")
+        raise InputError(f"EOT {name} must be a number, got {value!r}; pass 0 to turn it off")
     value = float(value)
     if not math.isfinite(value) or value < 0 or value >= upper:
         limit = f" and < {upper:g}" if math.isfinite(upper) else ""
-        raise AttnPatchError(
-            f"EOT {name} must be >= 0{limit}, got {value:g}; pass 0 to turn it off"
-        )
+        raise InputError(f"EOT {name} must be >= 0{limit}, got {value:g}; pass 0 to turn it off")
     return value
 
 
@@ -109,7 +107,7 @@ class EOT:
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
-            raise AttnPatchError(f"EOT enabled must be True or False, got {self.enabled!r}")
+            raise InputError(f"EOT enabled must be True or False, got {self.enabled!r}")
         self.degrees = _amount(self.degrees, "degrees", upper=180.0)
         self.scale = _pair(self.scale, "scale")
         self.translate = _amount(self.translate, "translate", upper=1.0)
@@ -141,11 +139,11 @@ class EOT:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EOT:
-        """Build from :meth:`to_dict` output; unknown keys raise :class:`AttnPatchError`."""
+        """Build from :meth:`to_dict` output; unknown keys raise :class:`~attnpatch.errors.InputError`."""
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise AttnPatchError(f"unknown EOT keys {unknown}; valid keys are {sorted(known)}")
+            raise InputError(f"unknown EOT keys {unknown}; valid keys are {sorted(known)}")
         return cls(**data)
 
     def sample(
@@ -169,7 +167,7 @@ class EOT:
             An :class:`EOTDraw` on the CPU; fields of disabled terms are ``None``.
         """
         if generator is not None and generator.device.type != "cpu":
-            raise AttnPatchError(
+            raise InputError(
                 f"EOT draws use a CPU generator (device-independent, resumable), got one on "
                 f"{generator.device}; pass torch.Generator() (CPU)"
             )

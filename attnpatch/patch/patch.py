@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from .._util import as_pair, atomic_write
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ConfigError, DataError, InputError
 from ..images import check_image, read_image, resize, to_pil
+from ._files import RESAVE, check_pixels, read_metadata
 from .eot import EOT
 from .placement import (
     PatchParams,
@@ -79,7 +80,7 @@ def patch_mask(
     if shape == "square":
         return torch.ones(1, 1, h, w, dtype=dtype)
     if shape != "circle":
-        raise AttnPatchError(f"mask shape must be one of {MASK_SHAPES}, got {shape!r}")
+        raise InputError(f"mask shape must be one of {MASK_SHAPES}, got {shape!r}")
     s = int(supersample)
     f64 = torch.float64
     ys = (torch.arange(h * s, dtype=f64) + 0.5) / s - 0.5
@@ -103,7 +104,7 @@ def _initial_pixels(
     if isinstance(init, (str, os.PathLike)):
         path = Path(init)
         if not path.is_file():
-            raise AttnPatchError(
+            raise DataError(
                 f"init must be 'gray', 'random', an image tensor, a PIL image or a path to an "
                 f"image file; no file at {str(path)!r}"
             )
@@ -112,7 +113,7 @@ def _initial_pixels(
         from PIL import Image
 
         if not isinstance(init, Image.Image):
-            raise AttnPatchError(
+            raise InputError(
                 f"init must be 'gray', 'random', an image tensor (3, h, w) / (1, 3, h, w) in [0, 1], "
                 f"a PIL image or a file path, got {init!r}"
             )
@@ -125,7 +126,7 @@ def _initial_pixels(
         x = x.unsqueeze(0)
     check_image(x, name="init image")
     if x.shape[0] != 1:
-        raise AttnPatchError(f"init image must be one image (1, 3, h, w), got {tuple(x.shape)}")
+        raise InputError(f"init image must be one image (1, 3, h, w), got {tuple(x.shape)}")
     x = x.to(dtype=dtype, device="cpu").clamp(0.0, 1.0)
     if size is not None:
         x = resize(x, size)
@@ -141,7 +142,7 @@ def _resolve_eot(eot: Any, default: EOT) -> EOT:
         return dataclasses.replace(default, enabled=False)
     if isinstance(eot, EOT):
         return eot
-    raise AttnPatchError(f"eot must be True, False, None or an EOT(...), got {eot!r}")
+    raise InputError(f"eot must be True, False, None or an EOT(...), got {eot!r}")
 
 
 class AdversarialPatch(nn.Module):
@@ -187,7 +188,7 @@ class AdversarialPatch(nn.Module):
     ) -> None:
         super().__init__()
         if shape not in MASK_SHAPES:
-            raise AttnPatchError(f"shape must be one of {MASK_SHAPES}, got {shape!r}")
+            raise InputError(f"shape must be one of {MASK_SHAPES}, got {shape!r}")
         self.shape = shape
         self.scale = _check_scale(scale)
         self.position = _check_position(position)
@@ -224,7 +225,7 @@ class AdversarialPatch(nn.Module):
 
         ``eot``: ``None`` uses ``self.eot``; ``False`` turns it off; ``True`` turns ``self.eot``
         on; an ``EOT`` replaces it. Draws come from ``generator`` (CPU) or torch's global CPU
-        generator, placement first, then EOT. Raises :class:`AttnPatchError` before drawing
+        generator, placement first, then EOT. Raises :class:`~attnpatch.errors.InputError` before drawing
         anything if the patch cannot fit.
         """
         image_size = as_pair(image_size, "image size")
@@ -261,7 +262,7 @@ class AdversarialPatch(nn.Module):
                 images.shape[0], tuple(images.shape[-2:]), eot=eot, generator=generator
             )
         elif eot is not None or generator is not None:
-            raise AttnPatchError(
+            raise InputError(
                 "pass either params (a replay) or eot/generator (a new draw), not both"
             )
         else:
@@ -273,11 +274,11 @@ class AdversarialPatch(nn.Module):
         """Project the pixels back into [0, 1] in place (call after ``optimizer.step()``).
 
         Works on ``pixels.data`` under ``no_grad``: the Parameter object, its ``.grad`` and the
-        optimizer's state for it are untouched. Raises :class:`AttnPatchError` if a step made
+        optimizer's state for it are untouched. Raises :class:`~attnpatch.errors.ConfigError` if a step made
         the pixels NaN or Inf (the clamp would hide the divergence).
         """
         if not torch.isfinite(self.pixels).all():
-            raise AttnPatchError(
+            raise ConfigError(
                 "patch pixels contain NaN/Inf after the optimizer step; lower the learning rate "
                 "and check the loss terms for NaN (the last finite patch is in the last checkpoint)"
             )
@@ -329,7 +330,7 @@ class AdversarialPatch(nn.Module):
         if extra:
             bad = [k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)]
             if bad:
-                raise AttnPatchError(f"extra metadata must map str to str; bad keys: {bad}")
+                raise InputError(f"extra metadata must map str to str; bad keys: {bad}")
             meta["extra"] = json.dumps(dict(extra))
         tensors = {
             "pixels": self.pixels.detach().to("cpu").contiguous(),
@@ -349,43 +350,62 @@ class AdversarialPatch(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise AttnPatchError(f"no patch file at {str(path)!r}; pass the patch.safetensors path")
+            raise DataError(f"no patch file at {str(path)!r}; pass the patch.safetensors path")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except Exception as e:  # safetensors raises its own error types
-            raise AttnPatchError(
+            raise DataError(
                 f"{str(path)!r} is not a readable safetensors file ({e}); pass a file written by "
                 f"AdversarialPatch.save"
             ) from e
         if meta.get("format") != FORMAT or "pixels" not in tensors:
-            raise AttnPatchError(
+            raise DataError(
                 f"{str(path)!r} is not an attnpatch patch file (metadata format="
                 f"{meta.get('format')!r}); pass a file written by AdversarialPatch.save"
             )
-        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-            raise AttnPatchError(
+        version = meta.get("format_version", "0")
+        if not version.isdigit() or int(version) > FORMAT_VERSION:
+            raise DataError(
                 f"{str(path)!r} has patch format version {meta['format_version']}, newer than this "
                 f"attnpatch understands ({FORMAT_VERSION}); upgrade attnpatch"
             )
         pixels = tensors["pixels"]
-        scale = json.loads(meta["scale"])
-        position = json.loads(meta["position"])
-        patch = cls(
-            tuple(json.loads(meta["size"])),
-            shape=meta["shape"],
-            init="gray",
-            scale=tuple(scale) if isinstance(scale, list) else scale,
-            position=tuple(position) if isinstance(position, list) else position,
-            eot=EOT.from_dict(json.loads(meta["eot"])),
-            dtype=pixels.dtype,
-        )
+        check_pixels(pixels, path)
+        fields = read_metadata(meta, path)
+        scale, position = fields["scale"], fields["position"]
+        try:
+            patch = cls(
+                tuple(fields["size"]),
+                shape=fields["shape"],
+                init="gray",
+                scale=tuple(scale) if isinstance(scale, list) else scale,
+                position=tuple(position) if isinstance(position, list) else position,
+                eot=EOT.from_dict(fields["eot"]),
+                dtype=pixels.dtype,
+            )
+        except (AttnPatchError, TypeError, KeyError, ValueError) as e:
+            raise DataError(f"{str(path)!r} holds bad patch metadata ({e}); {RESAVE}") from None
+        if patch.size != tuple(pixels.shape[-2:]):
+            raise DataError(
+                f"{str(path)!r}: its metadata says size {patch.size} but its pixels are "
+                f"{tuple(pixels.shape)}; {RESAVE}"
+            )
+        mask = tensors.get("mask")
+        if mask is not None and tuple(mask.shape) != tuple(patch.mask.shape):
+            raise DataError(
+                f"{str(path)!r}: its mask is {tuple(mask.shape)}, the patch "
+                f"{tuple(patch.mask.shape)}; {RESAVE}"
+            )
         with torch.no_grad():
             patch.pixels.copy_(pixels)
-            if "mask" in tensors:
-                patch.mask.copy_(tensors["mask"])
-        patch.extra = json.loads(meta.get("extra", "{}"))
+            if mask is not None:
+                patch.mask.copy_(mask)
+        try:
+            patch.extra = json.loads(meta.get("extra", "{}"))
+        except ValueError:
+            raise DataError(f"{str(path)!r}: its extra metadata is not JSON; {RESAVE}") from None
         return patch.to(device)
 
     def to_image(self, *, alpha: bool = False):

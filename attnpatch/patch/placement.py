@@ -48,11 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from .._util import as_pair
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ..images import check_image, resize
 from .eot import EOTDraw, photometric
 
-__all__ = ["PatchParams", "apply_patch", "patch_matrix", "sample_boxes"]
+__all__ = ["PatchParams", "apply_patch", "patch_matrix", "sample_boxes", "POSITIONS"]
+
+#: The named placements (besides a fixed ``(top, left)``).
+POSITIONS = ("random", "center")
 
 Scale = float | tuple[float, float] | None
 Position = str | tuple[int, int]
@@ -70,7 +73,7 @@ def _check_scale(scale: Any) -> Scale:
         return None
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not (math.isfinite(scale) and scale > 0):
-            raise AttnPatchError(
+            raise InputError(
                 f"scale must be > 0 (the placed patch's longer side as a fraction of the image's "
                 f"shorter side), got {scale!r}; e.g. scale=0.3, or None for the patch's own size"
             )
@@ -78,11 +81,11 @@ def _check_scale(scale: Any) -> Scale:
     try:
         lo, hi = (float(v) for v in scale)
     except (TypeError, ValueError):
-        raise AttnPatchError(
+        raise InputError(
             f"scale must be None, a number or a (low, high) range, got {scale!r}; e.g. (0.2, 0.4)"
         ) from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or lo > hi:
-        raise AttnPatchError(
+        raise InputError(
             f"scale range must satisfy 0 < low <= high, got ({lo:g}, {hi:g}); e.g. (0.2, 0.4)"
         )
     return (lo, hi)
@@ -90,8 +93,8 @@ def _check_scale(scale: Any) -> Scale:
 
 def _check_position(position: Any) -> Position:
     if isinstance(position, str):
-        if position not in ("random", "center"):
-            raise AttnPatchError(
+        if position not in POSITIONS:
+            raise InputError(
                 f"position must be 'random', 'center' or (top, left) in pixels, got {position!r}"
             )
         return position
@@ -101,7 +104,7 @@ def _check_position(position: Any) -> Position:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise AttnPatchError(
+        raise InputError(
             f"position must be 'random', 'center' or (top, left) non-negative ints in pixels, "
             f"got {position!r}"
         )
@@ -137,14 +140,14 @@ def _check_fits(
             if scale is None
             else f"scale {scale!r} (longer side / image's shorter side {min(image_size)})"
         )
-        raise AttnPatchError(
+        raise InputError(
             f"the patch is larger than the image: {how} places it as {ph}x{pw} px, but the images "
             f"are {H}x{W}; use a smaller scale (1.0 or less always fits), a smaller patch, or larger images"
         )
     if isinstance(position, tuple):
         top, left = position
         if top + ph > H or left + pw > W:
-            raise AttnPatchError(
+            raise InputError(
                 f"position (top={top}, left={left}) puts the {ph}x{pw} px patch outside the "
                 f"{H}x{W} images; choose top <= {H - ph} and left <= {W - pw}, or 'random'/'center'"
             )
@@ -199,7 +202,7 @@ def sample_boxes(
     each). A scale range draws ``(B,)`` uniform scales, then ``position="random"`` draws
     ``(B, 2)`` uniforms, in that order, from ``generator`` (CPU; ``None``: torch's global CPU
     generator). The placed longer side is ``floor(scale * min(H, W) + 0.5)`` pixels; the shorter
-    side keeps the patch's aspect ratio. Raises :class:`AttnPatchError` if the largest box does
+    side keeps the patch's aspect ratio. Raises :class:`~attnpatch.errors.InputError` if the largest box does
     not fit.
 
     >>> sample_boxes(2, (32, 32), (8, 8), scale=0.5, position="center").tolist()
@@ -211,7 +214,7 @@ def sample_boxes(
     _check_fits(scale, position, image_size, patch_size)
     B = int(batch_size)
     if B < 1:
-        raise AttnPatchError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     f64 = torch.float64
     if scale is None:
         scales = None
@@ -365,19 +368,19 @@ def apply_patch(
 def _check_batch(images: torch.Tensor) -> None:
     check_image(images, name="images")
     if images.shape[0] == 0:
-        raise AttnPatchError("images is an empty batch (B = 0); pass at least one image")
+        raise InputError("images is an empty batch (B = 0); pass at least one image")
 
 
 def _check_patch(images: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor) -> None:
     if pixels.ndim != 4 or pixels.shape[:2] != (1, 3):
-        raise AttnPatchError(f"patch pixels must be (1, 3, h, w), got {tuple(pixels.shape)}")
+        raise InputError(f"patch pixels must be (1, 3, h, w), got {tuple(pixels.shape)}")
     if mask.shape != (1, 1, *pixels.shape[-2:]):
-        raise AttnPatchError(
+        raise InputError(
             f"patch mask must be (1, 1, h, w) = (1, 1, {pixels.shape[-2]}, {pixels.shape[-1]}), "
             f"got {tuple(mask.shape)}"
         )
     if pixels.device != images.device:
-        raise AttnPatchError(
+        raise InputError(
             f"the patch is on {pixels.device} but the images are on {images.device}; move the "
             f"patch with patch.to(images.device) before building the optimizer"
         )
@@ -385,7 +388,7 @@ def _check_patch(images: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor)
 
 def _check_params(params: PatchParams, batch: int, image_size: tuple[int, int], patch_size) -> None:
     if not isinstance(params, PatchParams):
-        raise AttnPatchError(
+        raise InputError(
             f"params must be a PatchParams from patch.sample_params(...), got {type(params).__name__}"
         )
     if (params.batch_size, tuple(params.image_size), tuple(params.patch_size)) != (
@@ -393,7 +396,7 @@ def _check_params(params: PatchParams, batch: int, image_size: tuple[int, int], 
         tuple(image_size),
         tuple(patch_size),
     ):
-        raise AttnPatchError(
+        raise InputError(
             f"params were sampled for {params.batch_size} images of {tuple(params.image_size)} and "
             f"a {tuple(params.patch_size)} patch, but got {batch} images of {tuple(image_size)} "
             f"and a {tuple(patch_size)} patch; sample them for this batch with "

@@ -1,7 +1,8 @@
 """The training layer: config, the patch trainer, checkpoints, evaluation, the run folder,
 figures and the doctor.
 
-* :class:`TrainConfig` / :func:`load_config` — a run's configuration (files and flags).
+* :class:`TrainConfig` / :func:`load_config` — a run's configuration (files and flags);
+  :data:`LOGGERS` — the ``train.log`` choices.
 * :class:`PatchTrainer` — the training loop with gradient accumulation and exact resume.
 * :func:`evaluate_patch` — success rate next to a random-noise control;
   :func:`success_by_scale` — the same per patch scale (the figures use :mod:`attnpatch.viz`).
@@ -15,6 +16,7 @@ figures and the doctor.
 """
 
 from .config import TrainConfig, add_config_flags, apply_flags, load_config
+from .config_checks import LOGGERS
 from .doctor import diagnose, doctor
 from .evaluate import EvalResult, evaluate_patch, success_by_scale
 from .run import RunResult, build_trainer, run_training
@@ -47,4 +49,5 @@ __all__ = [
     "TermInputs",
     "register_term",
     "term_names",
+    "LOGGERS",
 ]

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..diffusion import PROMPT_TEMPLATE
-from ..errors import AttnPatchError
+from ..errors import ConfigError
 from ..patch import EOT
 from .terms import describe
 from .weights import WeightsConfig
@@ -71,6 +72,9 @@ class DataConfig:
     synthetic_per_class: int = 40  #: synthetic training images per class
     synthetic_eval_per_class: int = 20  #: synthetic held-out images per class
     prompt_template: str = PROMPT_TEMPLATE  #: the class prompt; {label} is the class name
+    #: data class name -> the classifier's class name, for folders named otherwise (classes
+    #: are matched by name; a name the classifier does not know is an error without this)
+    class_map: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +157,9 @@ class TrainLoopConfig:
     #: off by default: metrics.jsonl always holds every value, and a logger is an extra package
     log: str = "none"
     log_images_every: int = 50  #: iterations between logged images (0: only at the end)
+    #: data-parallel runs: minutes a process waits for the others at a collective before the
+    #: run fails naming the process that stalled (docs/distributed.md)
+    collective_timeout_minutes: float = 10.0
 
 
 @dataclass
@@ -177,85 +184,12 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> TrainConfig:
-        """Raise on values that would fail later (before any work is done)."""
-        t, a, p, d = self.train, self.attention, self.patch, self.data
-        _require(
-            t.accumulate >= 1, "train.accumulate (K) must be >= 1", "e.g. 1 for plain training"
-        )
-        _require(t.iterations >= 1, "train.iterations must be >= 1", "")
-        _require(t.lr > 0, "train.lr must be > 0", "")
-        _require(t.optimizer in ("adam", "sgd"), "train.optimizer must be 'adam' or 'sgd'", "")
-        _require(t.checkpoint_every >= 0, "train.checkpoint_every must be >= 0", "0 = end only")
-        _require(t.threads >= 0, "train.threads must be >= 0", "0 = torch's default")
-        _require(
-            t.log in ("none", "tensorboard", "wandb"),
-            f"train.log must be 'none', 'tensorboard' or 'wandb', got {t.log!r}",
-            "docs/logging.md",
-        )
-        _require(t.log_images_every >= 0, "train.log_images_every must be >= 0", "0 = end only")
-        _require(d.batch_size >= 1, "data.batch_size must be >= 1", "")
-        _require(d.image_size >= 8, "data.image_size must be >= 8", "")
-        _require("{label}" in d.prompt_template, "data.prompt_template needs '{label}'", "")
-        _require(a.num_inference_steps >= 1, "attention.num_inference_steps must be >= 1", "")
-        _require(
-            1 <= a.num_steps <= a.num_inference_steps,
-            f"attention.num_steps ({a.num_steps}) must be in [1, num_inference_steps "
-            f"({a.num_inference_steps})]",
-            "lower num_steps or raise num_inference_steps",
-        )
-        _require(
-            a.cross_loss in ("variance", "repel", "attract"),
-            "attention.cross_loss must be 'variance', 'repel' or 'attract'",
-            "",
-        )
-        _require(p.shape in ("square", "circle"), "patch.shape must be 'square' or 'circle'", "")
-        _require(
-            p.position in ("random", "center"), "patch.position must be 'random' or 'center'", ""
-        )
-        _require(
-            not p.scale or (len(p.scale) == 2 and 0 < p.scale[0] <= p.scale[1] <= 1),
-            f"patch.scale must be [low, high] with 0 < low <= high <= 1, or [] (native size), "
-            f"got {p.scale}",
-            "e.g. [0.3, 0.4]",
-        )
-        try:
-            p.transforms()
-        except AttnPatchError as e:
-            raise AttnPatchError(f"patch: {e} (the patch.* EOT fields)") from None
-        _require(p.size >= 1, f"patch.size must be >= 1, got {p.size}", "")
-        _require(
-            self.eval.eot_samples >= 1 and self.eval.examples >= 0,
-            "eval.eot_samples must be >= 1 and eval.examples >= 0",
-            "",
-        )
-        _require(self.attack.loss in ("ce", "cw"), "attack.loss must be 'ce' or 'cw'", "")
-        _require(
-            a.memory in ("auto", "low", "balanced", "fast"),
-            f"attention.memory must be 'auto', 'low', 'balanced' or 'fast', got {a.memory!r}",
-            "'auto' picks per device",
-        )
-        _require(
-            not (a.checkpoint and a.memory == "fast"),
-            "attention.checkpoint is true but attention.memory is 'fast'",
-            "drop attention.checkpoint (memory: balanced is the same)",
-        )
-        _require(
-            self.models.dtype in ("float32", "float16", "bfloat16"),
-            f"models.dtype must be 'float32', 'float16' or 'bfloat16', got {self.models.dtype!r}",
-            "",
-        )
-        _require(
-            not self.attack.targeted or bool(self.attack.target),
-            "attack.targeted is on but attack.target is empty",
-            "set attack.target to a class name",
-        )
-        self.weights.check()
+        """Raise :class:`~attnpatch.errors.ConfigError` on values that would fail later (before
+        any work is done); the rules are in :mod:`attnpatch.training.config_checks`."""
+        from .config_checks import validate_config
+
+        validate_config(self)
         return self
-
-
-def _require(ok: bool, problem: str, fix: str) -> None:
-    if not ok:
-        raise AttnPatchError(problem + (f" ({fix})" if fix else ""))
 
 
 # -- dict <-> dataclass ----------------------------------------------------------------------
@@ -270,6 +204,10 @@ def _field_type(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
+#: The largest integer a config field may hold (torch's int64 seeds and counters).
+_INT_MAX = 2**63 - 1
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):  # `float | None`: None keeps the default
@@ -277,11 +215,23 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return None
         (inner,) = [a for a in typing.get_args(typ) if a is not type(None)]
         return _coerce(value, inner, where)
+    if origin is dict:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):  # from the command line: KEY=VALUE words
+            pairs = [str(v).partition("=") for v in value]
+            bad = [str(v) for v, (k, eq, val) in zip(value, pairs) if not (k and eq and val)]
+            if bad:
+                raise ConfigError(f"{where} takes KEY=VALUE pairs, got {bad[0]!r}")
+            value = {k: val for k, _, val in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (KEY: VALUE), got {value!r}")
+        return {str(k): _coerce(v, str, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.replace(",", " ").split() if v]
         if not isinstance(value, (list, tuple)):
-            raise AttnPatchError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {value!r}")
         (item,) = typing.get_args(typ)[:1] or (Any,)
         return [_coerce(v, item, where) for v in value]
     if typ is bool:
@@ -291,28 +241,47 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
             return False
-        raise AttnPatchError(f"{where} must be true or false, got {value!r}")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
     if typ in (int, float):
-        if isinstance(value, bool):
-            raise AttnPatchError(f"{where} must be a number, got {value!r}")
-        try:
-            number = typ(value)
-        except (TypeError, ValueError):
-            raise AttnPatchError(f"{where} must be {typ.__name__}, got {value!r}") from None
-        if typ is int and float(value) != number:
-            raise AttnPatchError(f"{where} must be an integer, got {value!r}")
-        return number
+        return _number(value, typ, where)
     if typ is str:
         if not isinstance(value, str):
-            raise AttnPatchError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {value!r}")
         return value
     return value
 
 
-def _unknown(key: str, valid: list[str], where: str) -> AttnPatchError:
+def _number(value: Any, typ: type, where: str) -> int | float:
+    """An int or a finite float field's value; ``.inf``, ``1e400`` and NaN are refused, and
+    ints beyond int64."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}; give a plain number")
+    if typ is float:
+        return number
+    if isinstance(value, int):
+        result = value
+    elif number.is_integer():
+        try:
+            result = int(value)  # "12" exactly; "1e3" through the float
+        except ValueError:
+            result = int(number)
+    else:
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if abs(result) > _INT_MAX:
+        raise ConfigError(f"{where} is too large ({value!r}); it must be below 2**63")
+    return result
+
+
+def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-    return AttnPatchError(f"unknown config key {where}{key!r}{hint}")
+    return ConfigError(f"unknown config key {where}{key!r}{hint}")
 
 
 def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
@@ -320,13 +289,13 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
     cfg = base if base is not None else TrainConfig()
     cfg = dataclasses.replace(cfg)
     if not isinstance(data, dict):
-        raise AttnPatchError(f"a config must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for sname, values in data.items():
         if sname not in sections:
             raise _unknown(sname, list(sections), "")
         if not isinstance(values, dict):
-            raise AttnPatchError(f"config section [{sname}] must be a mapping, got {values!r}")
+            raise ConfigError(f"config section [{sname}] must be a mapping, got {values!r}")
         section = getattr(cfg, sname)
         cls = type(section)
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -339,67 +308,120 @@ def config_from_dict(data: dict[str, Any], base: TrainConfig | None = None) -> T
     return cfg.validate()
 
 
+#: The config file endings :func:`load_config` reads.
+CONFIG_EXTENSIONS = (".yaml", ".yml", ".toml", ".json")
+
+
 def load_config(
     path: str | os.PathLike | None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
     """Read a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON file, then ``overrides``
-    (``{"section.key": value}``); ``path=None`` starts from the defaults."""
+    (``{"section.key": value}``); ``path=None`` starts from the defaults. A byte-order mark is
+    allowed; a key given twice in one mapping is refused (as TOML does), naming its line."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = os.fspath(path)
+        path = os.path.expanduser(os.fspath(path))
+        if os.path.isdir(path):
+            raise ConfigError(
+                f"config {path!r} is a folder; pass a config file "
+                f"({', '.join(CONFIG_EXTENSIONS)}) with --config"
+            )
         if not os.path.isfile(path):
-            raise AttnPatchError(f"config file {path!r} does not exist")
+            raise ConfigError(f"config file {path!r} does not exist")
         ext = os.path.splitext(path)[1].lower()
-        if ext not in (".yaml", ".yml", ".toml", ".json"):
-            raise AttnPatchError(f"config {path!r}: use a .yaml, .yml, .toml or .json file")
+        if ext not in CONFIG_EXTENSIONS:
+            raise ConfigError(f"config {path!r}: use a .yaml, .yml, .toml or .json file")
         with open(path, "rb") as f:
             raw = f.read()
         data = _parse(raw, ext, path)
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
+        if not isinstance(data.get(section, {}), dict):
+            continue  # config_from_dict names the section that is not a mapping
         data.setdefault(section, {})[key] = value
     return config_from_dict(data)
 
 
+class _Duplicate(ValueError):
+    """A key given twice in one mapping of a config file."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: a dict, refusing a key given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _Duplicate(f"key {key!r} is given twice in one mapping")
+        out[key] = value
+    return out
+
+
+def _yaml_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _Duplicate(
+                        f"key {key!r} is given twice in one mapping (line "
+                        f"{seen[key].start_mark.line + 1} and line "
+                        f"{key_node.start_mark.line + 1})"
+                    )
+                seen[key] = key_node
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def _parse(raw: bytes, ext: str, path: str) -> Any:
-    """The file's mapping; a syntax error names the file and the line."""
+    """The file's mapping; a syntax error or a duplicated key names the file and the line."""
     try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark is not part of the text
         if ext in (".yaml", ".yml"):
             import yaml
 
-            return yaml.safe_load(raw) or {}
+            return yaml.load(text, Loader=_yaml_loader()) or {}  # noqa: S506 - a SafeLoader
         if ext == ".toml":
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10
                 import tomli as tomllib
 
-            return tomllib.loads(raw.decode())
-        return json.loads(raw)
+            return tomllib.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise ConfigError(
+            f"config {path!r}: {e}; the first one would be ignored: merge them into one"
+        ) from None
     except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, Unicode
         detail = " ".join(str(e).split())
-        raise AttnPatchError(
+        raise ConfigError(
             f"config {path!r} is not valid {ext[1:].upper()}: {detail[:300]}; fix the file "
             "(docs/training.md shows an example)"
         ) from None
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--section.key`` flag per config field (values parsed like file values)."""
+    """One ``--section.key`` flag per config field (values parsed like file values; a mapping
+    field takes ``KEY=VALUE`` words)."""
     for sec in dataclasses.fields(TrainConfig):
         group = parser.add_argument_group(f"[{sec.name}]")
         section_cls = typing.get_type_hints(TrainConfig)[sec.name]
         defaults = section_cls()
         for f in dataclasses.fields(section_cls):
             typ = _field_type(section_cls, f.name)
-            nargs = "+" if typing.get_origin(typ) in (list, tuple) else None
+            many = typing.get_origin(typ) in (list, tuple, dict)
             default = f"{getattr(defaults, f.name)!r}"
             if sec.name == "weights" and f.name in describe("share"):
                 default = f"share {describe('share')[f.name]:g} / sum {describe('sum')[f.name]:g}"
             group.add_argument(
                 f"--{sec.name}.{f.name}",
                 dest=f"cfg::{sec.name}.{f.name}",
-                nargs=nargs,
+                nargs="+" if many else None,
                 default=None,
                 metavar=typ.__name__.upper() if isinstance(typ, type) else "V",
                 help=f"(default: {default})",

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .._util import num_threads
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ConfigError, HookError, ImageLayoutError, ImageRangeError
 from ..hooks import attention_modules, is_hijacked
 from ..images import CLASSIFIER_RANGE, DIFFUSION_RANGE
 from .doctor_gradients import gradient_flow
@@ -97,7 +97,7 @@ def _iterations(iterations: int | None, K: int) -> int:
     """The doctor's iteration count: default and minimum ``K + 1``."""
     n = iterations if iterations is not None else K + 1
     if isinstance(n, bool) or not isinstance(n, int) or n < K + 1:
-        raise AttnPatchError(
+        raise ConfigError(
             f"the doctor needs at least K + 1 = {K + 1} iterations (one optimizer step, then a "
             f"loss seen after it), got {iterations!r}; pass --iterations {K + 1} or more, or "
             "leave it out"
@@ -142,12 +142,12 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
     )
     try:
         fwd = trainer.forward(images, labels, indices)
-    except AttnPatchError as e:
+    except AttnPatchError as e:  # classified by type, and by what the pipeline recorded
         msg = str(e)
-        if "recorded" in msg and "hijack" in msg:
+        if isinstance(e, HookError) or _nothing_recorded(trainer, images, labels):
             report.add("hijack during denoising", FAIL, "no attention maps were recorded", "hijack")
-        elif "channels" in msg or "must lie in" in msg:  # a check_image inside the pipeline
-            cause = "layout" if "channels" in msg else "range"
+        elif isinstance(e, (ImageLayoutError, ImageRangeError)):  # a check inside the pipeline
+            cause = "layout" if isinstance(e, ImageLayoutError) else "range"
             report.add("images inside the pipeline", FAIL, msg[:110], cause)
         else:
             report.add("forward pass", FAIL, msg[:140], "grad_flow")
@@ -183,6 +183,19 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
         ", ".join(names) or "none",
         "losses",
     )
+
+
+def _nothing_recorded(trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the attention pipeline, run once more, records no map at all (the denoising
+    ran outside the hijack)."""
+    if trainer.attention is None:
+        return False
+    try:
+        with torch.no_grad():
+            result = trainer.attention(images, trainer.class_embeds.take(labels))
+    except AttnPatchError:
+        return False
+    return result.cross.num_steps == 0 and result.self_store.num_steps == 0
 
 
 class _Stop(Exception):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AttnPatchError
+from ..errors import DataError, InputError
 from ..patch import AdversarialPatch
 from .distributed import SINGLE, Dist
 
@@ -83,11 +83,18 @@ def evaluate_patch(
             counts are summed: the rates equal the single-process ones.
     """
     if images.shape[0] == 0:
-        raise AttnPatchError("no held-out images to evaluate on; point data.eval at images")
+        raise DataError("no held-out images to evaluate on; point data.eval at images")
     if eot_samples < 1:
-        raise AttnPatchError(f"eot_samples must be >= 1, got {eot_samples}")
+        raise InputError(f"eot_samples must be >= 1, got {eot_samples}")
+    labels = torch.as_tensor(labels)
+    if labels.shape != (images.shape[0],) or labels.is_floating_point():
+        raise InputError(
+            f"labels must be (N,) integers for N = {images.shape[0]} images, got "
+            f"{tuple(labels.shape)} {labels.dtype}; pass one class index per image"
+        )
     classifier.eval()
     device = patch.pixels.device
+    _check_outputs(classifier, images[:1].to(device), labels, target)
     g = torch.Generator().manual_seed(seed)
     if control is None:
         control = patch.random_like(generator=g)
@@ -128,6 +135,26 @@ def evaluate_patch(
     )
 
 
+def _check_outputs(
+    classifier: nn.Module, probe: torch.Tensor, labels: torch.Tensor, target: int | None
+) -> None:
+    """Labels and target must index the classifier's outputs (one probe image): a label past
+    them can never be predicted, so its images would count as hits."""
+    outputs = int(classifier(probe).shape[-1])
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= outputs:
+        raise InputError(
+            f"labels lie in [{lo}, {hi}] but the classifier has {outputs} outputs; labels must "
+            "be the classifier's output indices (map data labels by class name: "
+            "trainer.logit_index[labels])"
+        )
+    if target is not None and not 0 <= int(target) < outputs:
+        raise InputError(
+            f"target {target} is not an output of the classifier ({outputs} outputs); pass a "
+            "class index below that"
+        )
+
+
 def at_scale(patch: AdversarialPatch, scale: float) -> AdversarialPatch:
     """A copy of ``patch`` (pixels, mask, position, EOT) placed at one fixed ``scale``: the
     placed patch's longer side as a fraction of the image's shorter side."""
@@ -163,7 +190,7 @@ def success_by_scale(
     fractions of the image side (> 0; a patch that cannot fit is an error naming the scale).
     """
     if len(scales) == 0:
-        raise AttnPatchError("scales is empty; pass patch scales, e.g. (0.1, 0.2, 0.3)")
+        raise InputError("scales is empty; pass patch scales, e.g. (0.1, 0.2, 0.3)")
     return [
         evaluate_patch(
             classifier,

@@ -26,7 +26,13 @@ from .evaluate import SCALES, success_by_scale
 from .terms import term_names
 from .trainer import PatchTrainer, attention_pipeline
 
-__all__ = ["write_figures", "write_patch_figure", "attention_heatmaps", "class_names"]
+__all__ = [
+    "scale_curve",
+    "write_figures",
+    "write_patch_figure",
+    "attention_heatmaps",
+    "class_names",
+]
 
 
 def write_patch_figure(patch: torch.Tensor, path: Path) -> None:
@@ -36,21 +42,59 @@ def write_patch_figure(patch: torch.Tensor, path: Path) -> None:
     viz.save(viz.patch_figure(patch.detach().cpu()), path)
 
 
+def scale_curve(
+    trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """What summary.json adds: ``{"by_scale": [{"scale", "success_rate",
+    "control_success_rate", "eligible", "eot_samples"}, ...]}``, from
+    :func:`~attnpatch.training.evaluate.success_by_scale` at :data:`SCALES` with half of
+    ``eval.eot_samples`` draws per image (held-out ``images`` ``(N, 3, H, W)`` in [0, 1],
+    ``labels`` ``(N,)`` data labels)."""
+    cfg = trainer.config
+    by_scale = success_by_scale(
+        trainer.classifier,
+        trainer.patch,
+        images,
+        trainer.logit_index[labels],
+        SCALES,
+        target=trainer.target,
+        eot_samples=max(1, cfg.eval.eot_samples // 2),  # half the draws: a cheap curve
+        seed=cfg.train.seed,
+    )
+    rows = [
+        {
+            "scale": s,
+            "success_rate": r.success_rate,
+            "control_success_rate": r.control_success_rate,
+            "eligible": r.eligible,
+            "eot_samples": r.eot_samples,
+        }
+        for s, r in zip(SCALES, by_scale)
+    ]
+    return {"by_scale": rows}
+
+
 def write_figures(
-    trainer: PatchTrainer, images: torch.Tensor, labels: torch.Tensor, out: Path
+    trainer: PatchTrainer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    out: Path,
+    by_scale: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """loss_curves.png, examples.png, attention.png and success_vs_scale.png in ``out``.
 
     Args:
         trainer: the trained run (its patch, classifier, config, class names).
         images: held-out ``(N, 3, H, W)`` in [0, 1]; labels: ``(N,)`` data labels.
+        by_scale: :func:`scale_curve`'s result (default: computed here).
 
     Returns:
-        What summary.json adds: ``{"by_scale": [{"scale", "success_rate",
-        "control_success_rate", "eligible", "eot_samples"}, ...]}``.
+        ``by_scale`` (what summary.json adds).
     """
     from .. import viz
 
+    if by_scale is None:
+        by_scale = scale_curve(trainer, images, labels)
     records = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
     ]
@@ -67,31 +111,11 @@ def write_figures(
     figure = viz.examples(patched.cpu(), class_names(trainer, predicted), truth)
     viz.save(figure, out / "examples.png")
     attention_heatmaps(trainer, patched[:1], labels[:1], out / "attention.png")
-    by_scale = success_by_scale(
-        trainer.classifier,
-        trainer.patch,
-        images,
-        trainer.logit_index[labels],
-        SCALES,
-        target=trainer.target,
-        eot_samples=max(1, cfg.eval.eot_samples // 2),  # half the draws: a cheap curve
-        seed=cfg.train.seed,
-    )
-    success = [r.success_rate for r in by_scale]
-    control = [r.control_success_rate for r in by_scale]
+    success = [r["success_rate"] for r in by_scale["by_scale"]]
+    control = [r["control_success_rate"] for r in by_scale["by_scale"]]
     figure = viz.success_vs_scale(SCALES, success, control, trained=trainer.patch.scale)
     viz.save(figure, out / "success_vs_scale.png")
-    rows = [
-        {
-            "scale": s,
-            "success_rate": r.success_rate,
-            "control_success_rate": r.control_success_rate,
-            "eligible": r.eligible,
-            "eot_samples": r.eot_samples,
-        }
-        for s, r in zip(SCALES, by_scale)
-    ]
-    return {"by_scale": rows}
+    return by_scale
 
 
 def class_names(trainer: PatchTrainer, outputs: torch.Tensor) -> list[str]:

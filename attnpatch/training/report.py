@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import AttnPatchError
+from ..errors import ImageLayoutError, ImageRangeError
 from ..images import check_image
 
 __all__ = ["PASS", "FAIL", "WARN", "CAUSES", "Check", "Report", "image_check", "grad_norm"]
@@ -130,8 +130,8 @@ def image_check(
     ``value_range``, else a FAIL line (class "layout" or "range"); returns whether it passed."""
     try:
         check_image(x.detach(), value_range, name=name)
-    except AttnPatchError as e:
-        cause = "layout" if ("channels" in str(e) or "4-D" in str(e)) else "range"
+    except (ImageLayoutError, ImageRangeError) as e:
+        cause = "layout" if isinstance(e, ImageLayoutError) else "range"
         report.add(name, FAIL, str(e).split(";")[0][:110], cause)
         return False
     report.add(name, PASS, _fmt_range(x))

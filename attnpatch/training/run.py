@@ -13,14 +13,20 @@ Run folder (``train.out_dir``)::
     summary.json         the evaluation: clean accuracy, success rate, random-patch control
     checkpoints/         the latest checkpoint (resume with --resume)
     logs/                with train.log: TensorBoard event files or W&B runs (docs/logging.md)
+    .attnpatch-run       the marker: this folder is attnpatch's; locked while a run uses it
+
+Only these names are ever deleted or replaced, and only in a folder with the marker
+(:mod:`attnpatch.training.run_folder`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +35,25 @@ import torch
 
 from .._util import atomic_write, num_threads
 from ..data import ImageFolder, ShapesConfig, shapes_dataset
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ConfigError, DataError, RunFolderError
 from ..models import TINY_CLASSIFIERS, load_classifier, load_diffusion
 from ..patch import AdversarialPatch
 from .config import TrainConfig, config_to_dict
+from .config_checks import check_device
 from .distributed import SINGLE, Dist, from_environment
 from .evaluate import EvalResult, evaluate_patch
-from .figures import write_figures, write_patch_figure
-from .tracking import LOG_DIR, RunTracking
+from .figures import scale_curve, write_figures, write_patch_figure
+from .run_folder import RunFolder, check_out_dir, last_checkpoint, out_dir_path
+from .tracking import RunTracking
 from .trainer import PatchTrainer
 
-__all__ = ["build_trainer", "run_training", "RunResult", "resolve_device"]
+__all__ = [
+    "build_trainer",
+    "run_training",
+    "RunResult",
+    "resolve_device",
+    "check_out_dir",
+]
 
 
 @dataclass
@@ -53,12 +67,14 @@ class RunResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu."""
+    """``"auto"`` -> cuda when available, else cpu; a name torch does not know, or a device
+    this machine lacks, is a :class:`~attnpatch.errors.ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(name)
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise AttnPatchError(
+        raise ConfigError(
             f"models.device is {name!r} but CUDA is not available; use 'cpu' or 'auto'"
         )
     return device
@@ -93,12 +109,12 @@ def load_datasets(cfg: TrainConfig) -> tuple[Any, Any]:
         else ImageFolder(d.eval, d.image_size)
     )
     if list(train.classes) != list(held.classes):
-        raise AttnPatchError(
+        raise DataError(
             f"training classes {list(train.classes)} differ from held-out classes "
             f"{list(held.classes)}; use folders with the same class subfolders"
         )
     if len(train) == 0 or len(held) == 0:
-        raise AttnPatchError("a data set is empty; check data.train and data.eval")
+        raise DataError("a data set is empty; check data.train and data.eval")
     return train, held
 
 
@@ -156,39 +172,97 @@ def run_training(
     """Train, evaluate and write the run folder (see the module docstring).
 
     An existing run in ``train.out_dir`` is continued with ``resume=True``, replaced with
-    ``overwrite=True``, and otherwise left alone (an error says so before any work). Runs on
-    ``train.threads`` CPU threads. Launched by ``accelerate launch`` / ``torchrun`` with more
-    than one process, it trains data-parallel (docs/distributed.md); process 0 writes.
+    ``overwrite=True``, and otherwise left alone (an error says so before any work); a folder
+    attnpatch did not make is never emptied, and a folder in use by another run is refused
+    (:mod:`attnpatch.training.run_folder`). Runs on ``train.threads`` CPU threads. Launched by
+    ``accelerate launch`` / ``torchrun`` with more than one process, it trains data-parallel
+    (docs/distributed.md); process 0 writes. A write that fails mid-run (a full disk, a
+    read-only folder) raises :class:`~attnpatch.errors.RunFolderError` saying what was saved
+    and how to resume.
     """
+    cfg.validate()
+    out = out_dir_path(cfg.train.out_dir)
     with num_threads(cfg.train.threads), RunTracking(cfg) as tracking:  # checks its package
-        return _run(cfg, resume, overwrite, log, from_environment(cfg.models.device), tracking)
+        dist = from_environment(cfg.models.device, cfg.train.collective_timeout_minutes)
+        with _claim(out, resume, overwrite, dist) as folder:
+            try:
+                return _run(cfg, out, resume, log, dist, tracking, folder)
+            except OSError as e:
+                if e.errno not in WRITE_ERRORS:
+                    raise
+                raise RunFolderError(_write_failure(out, e, dist)) from e
+
+
+#: errno values of a write that failed for lack of space or permission.
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _write_failure(out: Path, e: OSError, dist: Dist) -> str:
+    """The one line for a write that failed mid-run: what, what is saved, how to go on."""
+    where = f" ({e.filename})" if e.filename else ""
+    saved = last_checkpoint(out)
+    if saved:
+        kept = f"the last good checkpoint is {out / 'checkpoints' / saved}"
+        fix = "then --resume continues from it"
+    else:
+        kept = "no checkpoint was written yet"
+        fix = "then run again with --overwrite"
+    who = f"process {dist.rank}: " if dist.world > 1 else ""
+    return (
+        f"{who}cannot write in {out}: {e.strerror or e}{where}; {kept}; free space or make the "
+        f"folder writable, {fix}"
+    )
+
+
+@contextlib.contextmanager
+def _claim(out: Path, resume: bool, overwrite: bool, dist: Dist) -> Iterator[RunFolder | None]:
+    """Process 0 claims the run folder (ownership, lock); every process learns the outcome
+    (one collective), so a refusal ends all of them at once."""
+    folder, error = None, None
+    if dist.is_main:
+        try:
+            folder = RunFolder(out, resume=resume, overwrite=overwrite).__enter__()
+        except AttnPatchError as e:
+            error = e
+    if dist.world > 1 and dist.sum(torch.tensor([float(error is not None)])).item():
+        error = error or RunFolderError(
+            f"process 0 refused train.out_dir {str(out)!r} (its message says why)"
+        )
+    if error is not None:
+        if folder is not None:
+            folder.__exit__(None, None, None)
+        raise error
+    if folder is None:
+        yield None
+        return
+    try:
+        yield folder
+    finally:
+        folder.__exit__(None, None, None)
 
 
 def _run(
-    cfg: TrainConfig, resume: bool, overwrite: bool, log: Any, dist: Dist, tracking: RunTracking
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool,
+    log: Any,
+    dist: Dist,
+    tracking: RunTracking,
+    folder: RunFolder | None,
 ) -> RunResult:
     start = time.perf_counter()
-    out = Path(cfg.train.out_dir)
-    check_out_dir(out)
-    replace = (out / "checkpoints" / "latest").exists() and not resume
-    if replace and not overwrite:
-        raise AttnPatchError(
-            f"{out} already holds a run; pass --resume to continue it, --overwrite to start "
-            "again, or choose another train.out_dir"
-        )
     trainer, held = build_trainer(cfg, out, dist)  # every check, before anything is deleted
     main = dist.is_main
     if resume:
-        trainer.load_checkpoint()
+        trainer.load_checkpoint()  # also checks the data's fingerprint and metrics.jsonl
         if main:
             log(f"resumed {out} at iteration {trainer.iteration} (counter {trainer.counter})")
-    elif main:
-        if replace:
-            shutil.rmtree(out / "checkpoints")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        shutil.rmtree(out / LOG_DIR, ignore_errors=True)
-    if main:
+            for line in trainer.notes:
+                log(line)
+    elif folder is not None:
+        folder.clear()  # the earlier run's outputs: only in attnpatch's own folder
+    if folder is not None:
+        folder.started()
         _write_json(out / "config.json", config_to_dict(cfg))
     dist.barrier()
     tracking.start(trainer)  # process 0, with train.log; closed when run_training returns
@@ -196,10 +270,16 @@ def _run(
     trainer.train()
     t_train = time.perf_counter() - t_train
     trainer.save_checkpoint()
+    if trainer.steps == 0:  # a validated config cannot get here; a hand-made one can
+        raise ConfigError(
+            f"the run ended after {trainer.iteration} iteration(s) without an optimizer step "
+            f"(train.accumulate K={cfg.train.accumulate}, train.iterations="
+            f"{cfg.train.iterations}): the patch is its random initial value, so no attack "
+            "success is reported; lower train.accumulate or raise train.iterations"
+        )
     patch = trainer.patch
     if main:
         patch.save(out / "patch.safetensors", extra={"config": json.dumps(config_to_dict(cfg))})
-        write_patch_figure(patch.pixels, out / "patch.png")
     images, labels = _held_tensors(held)
     target = trainer.target
     result = evaluate_patch(
@@ -214,7 +294,7 @@ def _run(
     )
     if not main:
         return RunResult(out, result, time.perf_counter() - start, trainer)
-    by_scale = write_figures(trainer, images, labels, out)  # {"by_scale": [...]}
+    by_scale = scale_curve(trainer, images, labels)  # {"by_scale": [...]}
     seconds = time.perf_counter() - start
     summary = {
         **result.to_dict(),
@@ -228,26 +308,20 @@ def _run(
     summary["train_seconds"] = round(t_train, 3)  # the loop alone, this session's iterations
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
-    _write_json(out / "summary.json", summary)
+    _write_json(out / "summary.json", summary)  # before the figures: a figure cannot lose it
     tracking.log_evaluation(result.to_dict())
+    try:
+        write_patch_figure(patch.pixels, out / "patch.png")
+        write_figures(trainer, images, labels, out, by_scale)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        raise RunFolderError(
+            f"the run finished and its patch.safetensors, summary.json and checkpoints are "
+            f"saved in {out}, but a figure could not be written ({e.strerror}: {e.filename}); "
+            "free space or make the folder writable (the numbers are in summary.json)"
+        ) from e
     return RunResult(out, result, seconds, trainer)
-
-
-def check_out_dir(out: Path) -> None:
-    """Refuse a ``train.out_dir`` that is a file, lies under one, or cannot be written."""
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise AttnPatchError(
-                    f"train.out_dir {str(out)!r}: {str(p)!r} is a file, not a folder; choose "
-                    "another train.out_dir"
-                )
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise AttnPatchError(
-                    f"train.out_dir {str(out)!r}: {str(p)!r} is not writable; choose another "
-                    "train.out_dir"
-                )
-            return
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import AttnPatchError
+from ..errors import ConfigError
 from ..images import to_pil
 from .config import TrainConfig, config_to_dict
 from .trainer import IterationOutputs, PatchTrainer, attention_pipeline
@@ -48,7 +48,7 @@ _MODULES = {"tensorboard": ("tensorboard", "torch.utils.tensorboard"), "wandb": 
 
 
 def require_logger(kind: str) -> None:
-    """Raise an :class:`~attnpatch.errors.AttnPatchError` naming the extra to install when
+    """Raise a :class:`~attnpatch.errors.ConfigError` naming the extra to install when
     ``kind``'s package (``"tensorboard"`` or ``"wandb"``) cannot be imported; ``"none"`` passes.
 
     >>> require_logger("none")
@@ -57,7 +57,7 @@ def require_logger(kind: str) -> None:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            raise AttnPatchError(
+            raise ConfigError(
                 f"train.log is {kind!r} but {module} cannot be imported ({e}); install it with "
                 f"pip install 'attnpatch[{kind}]', or train with --log none"
             ) from None
@@ -128,7 +128,7 @@ class RunTracking:
         except Exception as e:  # wandb.errors.UsageError (no login), a network error, ...
             if self.kind != "wandb":
                 raise
-            raise AttnPatchError(
+            raise ConfigError(
                 f"W&B could not start a run ({type(e).__name__}: {e}); log in with `wandb "
                 "login`, or set WANDB_MODE=offline to write the run locally (docs/logging.md)"
             ) from e

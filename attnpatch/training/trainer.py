@@ -18,7 +18,7 @@ config: a resumed run ends with the same patch, bit for bit on CPU, as an uninte
 Randomness: iteration ``i``'s placement and EOT draws come from
 :meth:`PatchTrainer.generator` (seeded from ``train.seed`` and ``i``), its batch from
 :func:`~attnpatch.data.batches` (the same rule): never from torch's global generator, so one
-config gives one run. Ctrl-C stops after the current iteration and checkpoints it.
+config gives one run. Ctrl-C or SIGTERM stops after the current iteration and checkpoints it.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .._util import derive_seed, freeze
-from ..data import batch_indices, batches
+from ..data import batch_indices, batches, fingerprint
 from ..diffusion import (
     AttentionPipeline,
     AttentionResult,
@@ -43,15 +43,22 @@ from ..diffusion import (
     class_prompt,
     token_indices,
 )
-from ..errors import AttnPatchError
+from ..errors import ConfigError, DataError, InputError, RunFolderError
 from ..images import CLASSIFIER_RANGE, check_image
 from ..losses import LossTerms
-from ..models import probe_classifier
 from ..patch import AdversarialPatch, PatchParams
-from .checkpoint import checkpoint_folder, read_checkpoint, truncate_metrics, write_checkpoint
+from .checkpoint import (
+    check_resumable,
+    checkpoint_folder,
+    read_checkpoint,
+    truncate_metrics,
+    write_checkpoint,
+)
 from .config import TrainConfig, config_to_dict
+from .config_checks import pipeline_memory
 from .distributed import SINGLE, Dist, agreed
-from .interrupt import CtrlC
+from .interrupt import CtrlC, Stopped
+from .labels import class_indices
 from .metrics_log import MetricsLog
 from .terms import TermInputs, terms
 from .weights import Update
@@ -71,8 +78,7 @@ def attention_pipeline(config: TrainConfig, parts: DiffusionParts) -> AttentionP
         image_size=a.diffusion_size or config.data.image_size,
         cross_resolution=a.cross_resolution or None,
         self_resolutions=a.self_resolutions or None,
-        memory=None if a.memory == "auto" else a.memory,
-        checkpoint=True if a.checkpoint else None,
+        memory=pipeline_memory(a),
     )
 
 
@@ -132,12 +138,12 @@ class PatchTrainer:
         dist: Dist = SINGLE,
     ):
         if not isinstance(parts, DiffusionParts):
-            raise AttnPatchError(
+            raise InputError(
                 f"parts must be a DiffusionParts (attnpatch.load_diffusion(...)), got "
                 f"{type(parts).__name__}"
             )
         if len(train_data) == 0:
-            raise AttnPatchError("the training data set is empty; point data.train at images")
+            raise DataError("the training data set is empty; point data.train at images")
         self.config = config
         self.dist = dist
         self.classifier = freeze(classifier)
@@ -160,13 +166,14 @@ class PatchTrainer:
         if any(t.uses for t in active):
             self.attention = attention_pipeline(config, parts)
             self.class_embeds = self.attention.encode_prompts(self.prompts)
-        #: data-set label -> classifier output index (identity unless the classifier names
-        #: more classes than the data has, e.g. an ImageNet model on a subset)
-        self.logit_index = self._classifier_indices()
+        #: data-set label -> classifier output index, matched by class name (training/labels.py)
+        self.logit_index = class_indices(
+            self.classifier, self.classes, config.data.image_size, config.data.class_map
+        )
         self.target = None
         if config.attack.targeted:
             if config.attack.target not in self.classes:
-                raise AttnPatchError(
+                raise ConfigError(
                     f"attack.target {config.attack.target!r} is not a class of the data "
                     f"({self.classes})"
                 )
@@ -182,6 +189,8 @@ class PatchTrainer:
         #: each term's measured share of the update at the last measuring iteration
         self.last_shares: dict[str, float] | None = None
         self.tracker = None  #: gets metrics.jsonl's records too (training/tracking.py)
+        self.notes: list[str] = []  #: what a resume found worth saying (run_training prints it)
+        self._fingerprint: dict[str, Any] | None = None
         #: Functions called with ``(trainer, outputs)`` after each forward pass ("forward"),
         #: after each ``backward()`` ("backward"), and with ``(trainer, outputs, stepped)``
         #: after each iteration ("iteration"). The doctor and tests instrument the loop here.
@@ -307,17 +316,18 @@ class PatchTrainer:
                         self.save_checkpoint()
                     if ctrl_c.pressed if not multi else (stepped and agreed(ctrl_c, dist)):
                         log.flush()
-                        self._interrupted()
+                        self._interrupted(ctrl_c.signum)
         finally:
             log.close()
         return self.patch
 
-    def _interrupted(self) -> None:
-        """After Ctrl-C: checkpoint the last completed iteration, then raise KeyboardInterrupt."""
+    def _interrupted(self, signum: int) -> None:
+        """After Ctrl-C or SIGTERM: checkpoint the last completed iteration, then raise
+        :class:`~attnpatch.training.interrupt.Stopped` (a ``KeyboardInterrupt``)."""
         where = "nothing was written (no out_dir)"
         if self.out_dir is not None:
             where = f"checkpoint {self.save_checkpoint()} written; --resume continues the run"
-        raise KeyboardInterrupt(f"stopped after iteration {self.iteration}: {where}")
+        raise Stopped(signum, f"stopped after iteration {self.iteration}: {where}")
 
     def _emit(self, event: str, *args: Any) -> None:
         for hook in self.hooks[event]:
@@ -359,14 +369,21 @@ class PatchTrainer:
             "world": self.dist.world,
             "grads": grads,  # one per process, in rank order
             "shares": self.update.state_dict(),
+            "data": self.data_fingerprint(),  # checked on resume
         }
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """The training data's :func:`~attnpatch.data.fingerprint` (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.data)
+        return self._fingerprint
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.optimizer.load_state_dict(state["optimizer"])
         world = state.get("world", 1)
         if world != self.dist.world and state["counter"] != 0:
-            raise AttnPatchError(
+            raise RunFolderError(
                 f"this checkpoint was written by {world} process(es) in the middle of an "
                 f"accumulation (counter {state['counter']} of K); resume it with {world} "
                 "process(es), or from a checkpoint at an optimizer step (counter 0)"
@@ -384,7 +401,7 @@ class PatchTrainer:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/it-NNNNNN/`` atomically and point ``checkpoints/latest`` at it."""
         if self.out_dir is None:
-            raise AttnPatchError("this trainer has no out_dir; pass out_dir= to checkpoint")
+            raise InputError("this trainer has no out_dir; pass out_dir= to checkpoint")
         config, state = config_to_dict(self.config), self.state_dict()  # every process
         root = self.out_dir / "checkpoints"
         folder = root / f"it-{state['iteration']:06d}"
@@ -398,19 +415,15 @@ class PatchTrainer:
         folder = checkpoint_folder(self.out_dir, path)
         config = config_to_dict(self.config)
         loaded, state = read_checkpoint(folder, config, self.patch.pixels.device)
-        if loaded.size != self.patch.size:
-            raise AttnPatchError(f"checkpoint patch size {loaded.size} != {self.patch.size}")
-        if state["iteration"] > self.config.train.iterations:
-            raise AttnPatchError(
-                f"checkpoint {folder} is at iteration {state['iteration']}, past "
-                f"train.iterations={self.config.train.iterations}; resume with --train.iterations"
-                f" {state['iteration']} or more"
-            )
+        self.notes += check_resumable(
+            folder, loaded, state, self.patch, self.config, self.data_fingerprint(), self.dist.world
+        )
         with torch.no_grad():
             self.patch.pixels.copy_(loaded.pixels)
         self.load_state_dict(state)
         if self.out_dir is not None and self.dist.is_main:
-            truncate_metrics(self.out_dir / "metrics.jsonl", self.iteration)
+            note = truncate_metrics(self.out_dir / "metrics.jsonl", self.iteration)
+            self.notes += [note] if note else []
 
     # -- checks -------------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -418,22 +431,6 @@ class PatchTrainer:
         image, _ = self.data[0]
         check_image(image[None], CLASSIFIER_RANGE, name="training images")
         self.patch.sample_params(1, tuple(image.shape[-2:]), eot=False, generator=torch.Generator())
-
-    def _classifier_indices(self) -> torch.Tensor:
-        """Check the classifier's output on a probe; map data labels to its output indices."""
-        n = probe_classifier(self.classifier, self.config.data.image_size)
-        if n == len(self.classes):
-            return torch.arange(n)
-        names = getattr(self.classifier, "classes", None)
-        missing = [c for c in self.classes if names is None or c not in names]
-        if missing:
-            raise AttnPatchError(
-                f"the classifier has {n} outputs but the data has {len(self.classes)} classes "
-                f"{self.classes}, and it names no output for {missing[:5]}; use a classifier "
-                "trained on these classes, or one whose .classes names them (e.g. torchvision "
-                "weights' categories), with data folders named like them"
-            )
-        return torch.tensor([names.index(c) for c in self.classes])
 
 
 def _optimizer(config: TrainConfig, patch: AdversarialPatch) -> torch.optim.Optimizer:

@@ -41,7 +41,7 @@ from torch import nn
 
 from .._util import num_threads
 from ..data import ImageFolder, ShapesConfig, shapes_dataset
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, ConfigError, DataError, InputError, RunFolderError
 from ..images import resize
 from ..models import TINY_CLASSIFIERS, NormalizedClassifier, classifier_names, load_classifier
 from ..patch import AdversarialPatch
@@ -60,13 +60,13 @@ def _victims(
     classifiers: Sequence[str | nn.Module], device: torch.device
 ) -> list[tuple[str, NormalizedClassifier]]:
     if isinstance(classifiers, (str, nn.Module)) or len(classifiers) == 0:
-        raise AttnPatchError(
+        raise ConfigError(
             "classifiers must be a non-empty list of names or classifiers, e.g. "
             "['tiny', 'tiny-b', 'tiny-c']"
         )
     given = [s for s in classifiers if isinstance(s, str)]
     if len(set(given)) < len(given):
-        raise AttnPatchError(f"victims {given} name one twice; list each classifier once")
+        raise ConfigError(f"victims {given} name one twice; list each classifier once")
     out = []
     for spec in classifiers:
         clf = load_classifier(spec, device=device)
@@ -75,7 +75,7 @@ def _victims(
     names = [n for n, _ in out]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise AttnPatchError(f"victims {twice} appear twice; list each classifier once")
+        raise ConfigError(f"victims {twice} appear twice; list each classifier once")
     return out
 
 
@@ -139,35 +139,35 @@ def evaluate_transfer(
         docstring for the label rule.
     """
     if images.ndim != 4 or images.shape[0] == 0 or labels.shape != (images.shape[0],):
-        raise AttnPatchError(
+        raise InputError(
             f"images must be (N, 3, H, W) with N >= 1 and labels (N,), got "
             f"{tuple(images.shape)} and {tuple(labels.shape)}; pass the held-out set"
         )
     if eot_samples < 1:
-        raise AttnPatchError(f"eot_samples must be >= 1, got {eot_samples}")
+        raise InputError(f"eot_samples must be >= 1, got {eot_samples}")
     num_labels = len(class_names) if class_names is not None else int(labels.max()) + 1
     if isinstance(target, str):
         if class_names is None or target not in class_names:
-            raise AttnPatchError(
+            raise InputError(
                 f"target {target!r} is not among the class names {class_names}; pass "
                 "class_names= with it, or the target's label index"
             )
         target = list(class_names).index(target)
     if target is not None and not 0 <= target < num_labels:
-        raise AttnPatchError(f"target label {target} is out of range 0..{num_labels - 1}")
+        raise InputError(f"target label {target} is out of range 0..{num_labels - 1}")
     target_name = None if target is None else (class_names[target] if class_names else str(target))
     device = patch.pixels.device
     victims = _victims(classifiers, device)
     index = [_label_index(clf, class_names, num_labels) for _, clf in victims]
     changed = [name for (name, _), ix in zip(victims, index) if ix is None]
     if surrogate in changed:
-        raise AttnPatchError(
+        raise DataError(
             f"the data's classes {class_names} are not the surrogate {surrogate!r}'s "
             f"{victims[[n for n, _ in victims].index(surrogate)][1].classes}: the patch was "
             "trained on other classes; pass the held-out data of its run"
         )
     if target is not None and changed:
-        raise AttnPatchError(
+        raise ConfigError(
             f"victims {changed} do not share the data's classes, so a targeted patch cannot be "
             "scored on them; drop them or give them data-class outputs"
         )
@@ -273,7 +273,7 @@ def _run_config(patch: AdversarialPatch, path: Path) -> TrainConfig | None:
     try:
         return config_from_dict(json.loads(text))
     except (ValueError, AttnPatchError) as e:
-        raise AttnPatchError(
+        raise DataError(
             f"{str(path)!r} carries a run config that does not read ({e}); pass --data, "
             "--surrogate and --image-size yourself, or re-save the patch without it"
         ) from None
@@ -283,11 +283,11 @@ def _writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise AttnPatchError(
+        raise RunFolderError(
             f"cannot create --out {str(out)!r} ({e}); choose another folder"
         ) from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise AttnPatchError(f"--out {str(out)!r} is not writable; choose another folder")
+        raise RunFolderError(f"--out {str(out)!r} is not writable; choose another folder")
 
 
 def evaluate_transfer_file(
@@ -320,7 +320,7 @@ def evaluate_transfer_file(
     run = cfg or TrainConfig()
     specs = [str(s).strip() for s in classifiers]
     if not specs or any(not s for s in specs):
-        raise AttnPatchError(f"--classifiers needs names separated by commas, got {classifiers}")
+        raise ConfigError(f"--classifiers needs names separated by commas, got {classifiers}")
     for spec in specs:
         if not spec.startswith(("torchvision:", "timm:")) and spec not in classifier_names():
             load_classifier(spec)  # raises the registry's message (close names, the list)
@@ -335,13 +335,13 @@ def evaluate_transfer_file(
         held = ImageFolder(data, size)
     classes = list(held.classes)
     if cfg and run.data.train == "synthetic" and classes != list(ShapesConfig().classes):
-        raise AttnPatchError(
+        raise DataError(
             f"the data's classes {classes} do not match the shapes the patch was trained on "
             f"{list(ShapesConfig().classes)}; pass --data synthetic or folders of those classes"
         )
     target = run.attack.target if cfg and run.attack.targeted else None
     if target is not None and target not in classes:
-        raise AttnPatchError(
+        raise DataError(
             f"the patch targets {target!r}, which is not a class of the data {classes}; pass "
             "--data with that class"
         )
@@ -356,6 +356,8 @@ def evaluate_transfer_file(
         clf.name = spec
         victims.append(clf)
     images, labels = _held_tensors(held)
+    names = [run.data.class_map.get(c, c) for c in classes]  # matched by name, as in training
+    target = None if target is None else run.data.class_map.get(target, target)
     with num_threads(run.train.threads):  # as the run evaluated (and as fast on busy cores)
         table = evaluate_transfer(
             patch.to(dev),
@@ -366,7 +368,7 @@ def evaluate_transfer_file(
             target=target,
             eot_samples=eot_samples or run.eval.eot_samples,
             seed=run.train.seed if seed is None else seed,
-            class_names=classes,
+            class_names=names,
         )
     table.meta = {"patch": str(path), "data": data, "image_size": size, "run_config": bool(cfg)}
     if out_dir is not None:

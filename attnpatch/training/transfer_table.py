@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util import atomic_write
-from ..errors import AttnPatchError
+from ..errors import DataError, InputError
 
 __all__ = ["TransferTable", "TransferRow", "COLUMNS"]
 
@@ -78,7 +78,7 @@ class TransferTable:
         for r in self.rows:
             if r.victim == victim:
                 return r
-        raise AttnPatchError(f"no row for {victim!r}; victims: {[r.victim for r in self.rows]}")
+        raise InputError(f"no row for {victim!r}; victims: {[r.victim for r in self.rows]}")
 
     def __str__(self) -> str:
         r0 = self.rows[0]
@@ -148,7 +148,7 @@ class TransferTable:
         """Read a table written by :meth:`to_json`."""
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise AttnPatchError(f"{str(path)!r} is not a transfer.json written by attnpatch")
+            raise DataError(f"{str(path)!r} is not a transfer.json written by attnpatch")
         rows = [TransferRow(**r) for r in data["rows"]]
         return cls(rows, data.get("surrogate"), data.get("classes"), data.get("meta") or {})
 
@@ -160,9 +160,7 @@ class TransferTable:
         with open(path, newline="") as f:
             for raw in csv.DictReader(f):
                 if set(raw) != set(COLUMNS):
-                    raise AttnPatchError(
-                        f"{str(path)!r} is not a transfer.csv written by attnpatch"
-                    )
+                    raise DataError(f"{str(path)!r} is not a transfer.csv written by attnpatch")
                 rows.append(TransferRow(**{k: _parse(v, types[k]) for k, v in raw.items()}))
         surrogate = next((r.victim for r in rows if r.surrogate), None)
         return cls(rows, surrogate)

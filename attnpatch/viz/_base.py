@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
 from .._util import atomic_write
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ..images import check_image
 
 __all__ = ["DPI", "new_figure", "save", "to_array", "image_array", "check_lengths"]
@@ -34,7 +34,7 @@ def new_figure(width: float, height: float) -> Figure:
 
 def _canvas(fig: Figure) -> FigureCanvasAgg:
     if not isinstance(fig, Figure):
-        raise AttnPatchError(
+        raise InputError(
             f"expected a matplotlib Figure, got {type(fig).__name__}; pass what an "
             "attnpatch.viz function returned"
         )
@@ -71,7 +71,7 @@ def image_array(image: torch.Tensor, name: str = "image") -> np.ndarray:
         image = (image[None] if image.ndim == 3 else image).detach().float().cpu()
     x = check_image(image, name=name)
     if x.shape[0] != 1:
-        raise AttnPatchError(
+        raise InputError(
             f"{name} must be one image (3, H, W), got shape {tuple(x.shape)}; pass images[i]"
         )
     return x[0].clamp(0, 1).permute(1, 2, 0).numpy()
@@ -83,7 +83,7 @@ def check_lengths(**sequences: Sequence | None) -> int:
     given = {k: len(v) for k, v in sequences.items() if v is not None}
     if len(set(given.values())) != 1 or 0 in given.values():
         what = ", ".join(f"{k}: {n}" for k, n in given.items())
-        raise AttnPatchError(
+        raise InputError(
             f"expected non-empty sequences of one length, got {what}; pass one value per item"
         )
     return next(iter(given.values()))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ._base import check_lengths, new_figure
 
 __all__ = ["loss_curves", "success_vs_scale", "transfer_bars", "smooth", "wants_log_scale"]
@@ -68,7 +68,7 @@ def loss_curves(records: Sequence[dict], names: Sequence[str] | None = None) -> 
         if pts:
             series.append((name, np.array(pts, dtype=float)))
     if not series:
-        raise AttnPatchError(
+        raise InputError(
             f"no values of {list(names)} in {len(records)} records to plot; pass the lines of "
             "metrics.jsonl (dicts with 'iteration' and the terms) after at least one iteration"
         )
@@ -149,7 +149,7 @@ def transfer_bars(
     """
     n = check_lengths(names=names, success=success, control=control)
     if surrogate is not None and surrogate not in names:
-        raise AttnPatchError(
+        raise InputError(
             f"surrogate {surrogate!r} is not among the victims {list(names)}; pass one of them "
             "or surrogate=None"
         )

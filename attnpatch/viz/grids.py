@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from matplotlib.figure import Figure
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ..images import check_image
 from ._base import check_lengths, image_array, new_figure
 
@@ -49,7 +49,7 @@ def examples(
     check_image(images)
     n = check_lengths(images=images, predictions=predictions, labels=labels)
     if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
-        raise AttnPatchError(f"ncols must be a positive int, got {ncols!r}; e.g. ncols=8")
+        raise InputError(f"ncols must be a positive int, got {ncols!r}; e.g. ncols=8")
     cols = min(ncols, n)
     rows = math.ceil(n / cols)
     fig = new_figure(0.2 + 1.35 * cols, 0.1 + (1.75 if labels is not None else 1.6) * rows)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from ..errors import AttnPatchError
+from ..errors import InputError
 from ._base import check_lengths, image_array, new_figure
 
 __all__ = ["attention_maps", "overlay"]
@@ -18,13 +19,13 @@ __all__ = ["attention_maps", "overlay"]
 def _map(amap: torch.Tensor, name: str = "map") -> torch.Tensor:
     if not isinstance(amap, torch.Tensor) or amap.ndim != 2:
         shape = tuple(amap.shape) if isinstance(amap, torch.Tensor) else type(amap).__name__
-        raise AttnPatchError(
+        raise InputError(
             f"{name} must be a 2-D (h, w) tensor, got {shape}; average the heads, layers and "
             "tokens first, e.g. maps[0, ..., tokens].mean(-1)"
         )
     m = amap.detach().float().cpu()
     if not torch.isfinite(m).all():
-        raise AttnPatchError(f"{name} contains NaN or Inf; check the attention it came from")
+        raise InputError(f"{name} contains NaN or Inf; check the attention it came from")
     return m
 
 
@@ -32,7 +33,7 @@ def _colormap(cmap: str) -> matplotlib.colors.Colormap:
     try:
         return matplotlib.colormaps[cmap]
     except KeyError:
-        raise AttnPatchError(
+        raise InputError(
             f"unknown colormap {cmap!r}; pass a name of matplotlib.colormaps, e.g. 'jet', "
             "'viridis' or 'inferno'"
         ) from None
@@ -56,7 +57,7 @@ def overlay(
     torch.Size([3, 8, 6])
     """
     if not 0.0 <= alpha <= 1.0:
-        raise AttnPatchError(f"alpha must be in [0, 1], got {alpha!r}; e.g. alpha=0.5")
+        raise InputError(f"alpha must be in [0, 1], got {alpha!r}; e.g. alpha=0.5")
     x = torch.from_numpy(image_array(image)).permute(2, 0, 1)
     colors = _colormap(cmap)
     m = _map(amap)
@@ -66,9 +67,25 @@ def overlay(
     return ((1 - alpha) * x + alpha * rgb).clamp(0, 1)
 
 
+def _titled(maps: Sequence[tuple[str, torch.Tensor] | torch.Tensor]) -> list[tuple[str, Any]]:
+    """``(title, map)`` pairs; a bare map gets the title ``"map i"``."""
+    out = []
+    for i, item in enumerate(maps):
+        if isinstance(item, torch.Tensor):
+            out.append((f"map {i}", item))
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append((str(item[0]), item[1]))
+        else:
+            raise InputError(
+                f"maps[{i}] must be a (h, w) tensor or a (title, tensor) pair, got "
+                f"{type(item).__name__}; pass e.g. [('step 0', m0), ('mean', m)]"
+            )
+    return out
+
+
 def attention_maps(
     image: torch.Tensor,
-    maps: Sequence[tuple[str, torch.Tensor]],
+    maps: Sequence[tuple[str, torch.Tensor] | torch.Tensor],
     token: str,
     *,
     cmap: str = "jet",
@@ -79,11 +96,13 @@ def attention_maps(
 
     Args:
         image: ``(3, H, W)`` in [0, 1].
-        maps: ``(title, (h, w) tensor)`` pairs, e.g. one per denoising step then ``"mean"``;
-            values as they are (attention probabilities), each panel on its own colour scale.
+        maps: ``(title, (h, w) tensor)`` pairs, e.g. one per denoising step then ``"mean"``
+            (a bare ``(h, w)`` tensor is titled ``"map i"``); values as they are (attention
+            probabilities), each panel on its own colour scale.
         token: the word (or token text) whose attention the maps are.
     """
     check_lengths(maps=maps)
+    maps = _titled(maps)
     rgb = image_array(image)
     h, w = rgb.shape[:2]
     colors = _colormap(cmap)

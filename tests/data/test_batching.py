@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnpatch.data import TensorImageDataset, batch_indices, batches
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 
 
 def _labelled(n: int) -> TensorImageDataset:
@@ -108,13 +108,13 @@ def test_batches_infinite_and_errors():
     ds = _labelled(3)
     it = batches(ds, 2, seed=0)
     assert [next(it)[0] for _ in range(10)] == list(range(10))
-    with pytest.raises(AttnPatchError, match="batch_size"):
+    with pytest.raises(InputError, match="batch_size"):
         next(batches(ds, 0, seed=0))
-    with pytest.raises(AttnPatchError, match="empty data set"):
+    with pytest.raises(InputError, match="empty data set"):
         next(batches(_ItemOnly(0), 1, seed=0))
-    with pytest.raises(AttnPatchError, match="drop_last"):
+    with pytest.raises(InputError, match="drop_last"):
         next(batches(ds, 4, seed=0, drop_last=True))
-    with pytest.raises(AttnPatchError, match="start"):
+    with pytest.raises(InputError, match="start"):
         next(batches(ds, 1, seed=0, start=-1))
 
     class Ragged(torch.utils.data.Dataset):
@@ -124,7 +124,7 @@ def test_batches_infinite_and_errors():
         def __getitem__(self, i):
             return torch.zeros(3, 4 + i, 4), 0
 
-    with pytest.raises(AttnPatchError, match="different sizes.*size="):
+    with pytest.raises(InputError, match="different sizes.*size="):
         next(batches(Ragged(), 2, seed=0))
 
 

@@ -9,7 +9,7 @@ import torch
 
 from attnpatch.data import COLOUR_WORDS, SHAPE_CLASSES, colour_names, render_shapes, shape_captions
 from attnpatch.data import captions as cap
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 from attnpatch.testing import tiny_tokenizer
 
 
@@ -99,7 +99,7 @@ def test_captions_are_a_function_of_the_generator():
 
 
 def test_bad_inputs_are_named():
-    with pytest.raises(AttnPatchError, match=r"\(N, 3\)"):
+    with pytest.raises(InputError, match=r"\(N, 3\)"):
         colour_names(torch.rand(3))
-    with pytest.raises(AttnPatchError, match=r"\(2, 3, 3\)"):
+    with pytest.raises(InputError, match=r"\(2, 3, 3\)"):
         shape_captions(torch.zeros(2), SHAPE_CLASSES, torch.rand(2, 3), generator=torch.Generator())

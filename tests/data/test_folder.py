@@ -12,11 +12,12 @@ from attnpatch.data import (
     ImageFolder,
     ShapesConfig,
     TensorImageDataset,
+    read_image,
     shapes_dataset,
     write_image_folder,
 )
 from attnpatch.data import folder as data
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import DataError, ImageLayoutError, InputError, RunFolderError
 
 
 def _write_png(path, array: np.ndarray) -> None:
@@ -65,7 +66,7 @@ def test_folder_classes_argument_selects_and_orders(folder):
     assert ds.classes == ["dog", "bird"]
     assert sorted({lab for _, lab in ds.samples}) == [0, 1]
     assert len(ds) == 5
-    with pytest.raises(AttnPatchError, match="horse"):
+    with pytest.raises(DataError, match="horse"):
         ImageFolder(root, size=8, classes=["dog", "horse"])
 
 
@@ -157,33 +158,34 @@ def test_cache_avoids_decoding_twice(folder, monkeypatch):
 
 
 def test_bad_sources_raise_naming_the_problem(tmp_path):
-    with pytest.raises(AttnPatchError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         ImageFolder(tmp_path / "nope", size=8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AttnPatchError, match="empty data set.*no class subfolders"):
+    with pytest.raises(DataError, match="empty data set.*no class subfolders"):
         ImageFolder(tmp_path / "empty", size=8)
     _write_png(tmp_path / "loose" / "a.png", np.zeros((4, 4, 3), np.uint8))
-    with pytest.raises(AttnPatchError, match="directly: move them"):
+    with pytest.raises(DataError, match="directly: move them"):
         ImageFolder(tmp_path / "loose", size=8)
     (tmp_path / "noimg" / "cat").mkdir(parents=True)
     (tmp_path / "noimg" / "cat" / "readme.txt").write_text("x")
-    with pytest.raises(AttnPatchError, match="class 'cat'.*holds no images"):
+    with pytest.raises(DataError, match="class 'cat'.*holds no images"):
         ImageFolder(tmp_path / "noimg", size=8)
     (tmp_path / "bad" / "cat").mkdir(parents=True)
     (tmp_path / "bad" / "cat" / "broken.png").write_bytes(b"definitely not a png")
-    with pytest.raises(AttnPatchError, match=r"broken\.png.*re-save"):
+    with pytest.raises(DataError, match=r"broken\.png.*re-save"):
         ImageFolder(tmp_path / "bad", size=8)
-    with pytest.raises(AttnPatchError, match="'crop' or 'stretch'"):
+    with pytest.raises(InputError, match="'crop' or 'stretch'"):
         ImageFolder(tmp_path / "loose", size=8, resize="pad")
 
 
-def test_truncated_file_fails_on_decode_naming_it(tmp_path):
+def test_truncated_file_fails_up_front_naming_it(tmp_path, raises):
     path = tmp_path / "r" / "a" / "t.png"
     _write_png(path, np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:200])  # header intact, pixel data cut
-    ds = ImageFolder(tmp_path / "r", size=8)
-    with pytest.raises(AttnPatchError, match=r"t\.png"):
-        ds[0]
+    with raises(DataError, "t.png", "not readable"):  # was: at the first decode, mid-run
+        ImageFolder(tmp_path / "r", size=8)
+    with raises(DataError, "t.png", "re-save"):
+        read_image(path)
 
 
 def test_csv_errors_name_file_and_line(folder, tmp_path):
@@ -191,19 +193,19 @@ def test_csv_errors_name_file_and_line(folder, tmp_path):
     p = sorted(truth)[0]
     bad = tmp_path / "bad.csv"
     bad.write_text(f"path,label\n{p},cat\n{p},horse\n")
-    with pytest.raises(AttnPatchError, match=r"bad\.csv:3: unknown label 'horse'"):
+    with pytest.raises(DataError, match=r"bad\.csv:3: unknown label 'horse'"):
         ImageFolder(bad, size=8, classes=["cat", "dog"])
     bad.write_text(f"path,label\n{p},cat\nmissing.png,cat\n")
-    with pytest.raises(AttnPatchError, match=r"bad\.csv:3: image .*missing\.png.* not found"):
+    with pytest.raises(DataError, match=r"bad\.csv:3: image .*missing\.png.* not found"):
         ImageFolder(bad, size=8)
     bad.write_text(f"path,label\n{p}\n")
-    with pytest.raises(AttnPatchError, match=r"bad\.csv:2: expected 'path,label'"):
+    with pytest.raises(DataError, match=r"bad\.csv:2: expected 'path,label'"):
         ImageFolder(bad, size=8)
     bad.write_text("path,label\n")
-    with pytest.raises(AttnPatchError, match="empty data set"):
+    with pytest.raises(DataError, match="empty data set"):
         ImageFolder(bad, size=8)
     bad.write_text(f"{p},5\n")
-    with pytest.raises(AttnPatchError, match="index below 2"):
+    with pytest.raises(DataError, match="index below 2"):
         ImageFolder(bad, size=8, classes=["cat", "dog"])
 
 
@@ -220,23 +222,23 @@ def test_write_image_folder_reads_back_identical(tmp_path):
         mine = ds.images[ds.labels == c]
         theirs = torch.stack([back[i][0] for i, (_, lab) in enumerate(back.samples) if lab == c])
         torch.testing.assert_close(theirs, mine, rtol=0, atol=0)
-    with pytest.raises(AttnPatchError, match="not empty"):
+    with pytest.raises(RunFolderError, match="not empty"):
         write_image_folder(ds, root)
 
 
 def test_tensor_dataset_validation():
-    with pytest.raises(AttnPatchError, match="channels-last"):
+    with pytest.raises(ImageLayoutError, match="channels-last"):
         TensorImageDataset(torch.rand(2, 8, 8, 3), torch.zeros(2, dtype=torch.long), ["a"])
-    with pytest.raises(AttnPatchError, match=r"labels must lie in \[0, 1\)"):
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 1\)"):
         TensorImageDataset(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), ["a"])
-    with pytest.raises(AttnPatchError, match="integers"):
+    with pytest.raises(InputError, match="integers"):
         TensorImageDataset(torch.rand(2, 3, 4, 4), torch.tensor([0.0, 0.0]), ["a"])
 
 
 def test_bad_sizes_raise(folder):
     root, _ = folder
     for size in (0, (8, -1), (8, 8, 8), "big"):
-        with pytest.raises(AttnPatchError, match="size must be a positive int"):
+        with pytest.raises(InputError, match="size must be a positive int"):
             ImageFolder(root, size=size)
     assert ImageFolder(root, size=None).size is None  # None keeps the native sizes
     assert ImageFolder(root, size=(6, 4)).size == (6, 4)

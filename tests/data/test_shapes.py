@@ -10,7 +10,7 @@ import torch
 from attnpatch._util import derive_seed
 from attnpatch.data import SHAPE_CLASSES, SHAPES, ShapesConfig, shapes_dataset
 from attnpatch.data import shapes as data
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 
 
 def _grid_area(name: str, steps: int = 801) -> float:
@@ -98,11 +98,11 @@ def test_shape_classes_are_single_tiny_tokens():
 
 
 def test_config_validation():
-    with pytest.raises(AttnPatchError, match="unknown shape classes.*hexagon"):
+    with pytest.raises(InputError, match="unknown shape classes.*hexagon"):
         ShapesConfig(classes=("circle", "hexagon"))
-    with pytest.raises(AttnPatchError, match="distinct"):
+    with pytest.raises(InputError, match="distinct"):
         ShapesConfig(classes=("circle", "circle"))
-    with pytest.raises(AttnPatchError, match="split"):
+    with pytest.raises(InputError, match="split"):
         shapes_dataset(ShapesConfig(train_per_class=1), "test")
     assert ShapesConfig().key() == ShapesConfig().key() != ShapesConfig(seed=1).key()
 

@@ -191,13 +191,15 @@ def test_memory_argument_and_defaults(deep):
     assert MEMORY_MODES == ("low", "balanced", "fast")
     assert ap.AttentionPipeline(deep, **kw).memory == "fast"  # the CPU's default
     assert ap.AttentionPipeline(deep, memory="low", **kw).memory == "low"
-    assert ap.AttentionPipeline(deep, checkpoint=True, **kw).memory == "balanced"
-    assert ap.AttentionPipeline(deep, checkpoint=False, **kw).checkpoint is False
+    with pytest.warns(FutureWarning, match=r"checkpoint=.*0\.3\.0.*memory='balanced'"):
+        assert ap.AttentionPipeline(deep, checkpoint=True, **kw).memory == "balanced"
+    with pytest.warns(FutureWarning):
+        assert ap.AttentionPipeline(deep, checkpoint=False, **kw).checkpoint is False
     assert resolve_memory(None, None, torch.device("cuda")) == "low"
     assert resolve_memory(None, None, torch.device("meta")) == "low"
     with pytest.raises(AttnPatchError, match="memory must be one of"):
         ap.AttentionPipeline(deep, memory="tiny", **kw)
-    with pytest.raises(AttnPatchError, match="contradicts"):
+    with pytest.raises(AttnPatchError, match="contradicts"), pytest.warns(FutureWarning):
         ap.AttentionPipeline(deep, memory="fast", checkpoint=True, **kw)
-    with pytest.raises(AttnPatchError, match="contradicts"):
+    with pytest.raises(AttnPatchError, match="contradicts"), pytest.warns(FutureWarning):
         ap.AttentionPipeline(deep, memory="low", checkpoint=False, **kw)

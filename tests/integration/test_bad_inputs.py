@@ -18,6 +18,7 @@ from PIL import Image
 import attnpatch as ap
 from attnpatch.cli import main
 from attnpatch.data import ImageFolder, read_image
+from attnpatch.errors import InputError
 
 FAST = [  # a run that is cheap enough to build for every row
     "--train.iterations",
@@ -101,7 +102,8 @@ def test_config_values(tmp_path, capsys, flags, message):
 def test_classifier_weights_that_do_not_exist_are_an_error(tmp_path, capsys):
     # was: silently ignored (build_trainer never passed the field on)
     missing = str(tmp_path / "nothere.pt")
-    fails(capsys, ["train", "--models.classifier_weights", missing, *FAST], "nothere.pt' not found")
+    argv = ["train", "--train.out_dir", str(tmp_path / "run"), *FAST]  # not the cwd's runs/tiny
+    fails(capsys, [*argv, "--models.classifier_weights", missing], "nothere.pt' not found")
 
 
 def test_patch_larger_than_the_image(tmp_path, capsys):
@@ -375,7 +377,7 @@ def test_controller_returning_a_wrong_shape_or_nan(parts, edit, message):
 )
 def test_pipeline_images(parts, images, message):
     pipe = ap.AttentionPipeline(parts, image_size=32)
-    with pytest.raises(ap.AttnPatchError, match=message):
+    with pytest.raises(InputError, match=message):  # check_image's layout or range error
         pipe(images, ["a circle"])
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 from attnpatch.losses import attention as attention_mod
 from attnpatch.losses.attention import (
     CrossAttentionRegion,
@@ -80,16 +80,16 @@ def test_per_image_tokens():
     ],
 )
 def test_bad_tokens(tokens, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         cross_attention_variance(_cross(), tokens)
 
 
 def test_bad_cross_maps():
-    with pytest.raises(AttnPatchError, match=r"unflatten\(1, \(h, w\)\)"):
+    with pytest.raises(InputError, match=r"unflatten\(1, \(h, w\)\)"):
         cross_attention_variance(torch.rand(2, 16, K), [1])
-    with pytest.raises(AttnPatchError, match="floating point"):
+    with pytest.raises(InputError, match="floating point"):
         cross_attention_variance(torch.ones(2, 4, 4, K, dtype=torch.long), [1])
-    with pytest.raises(AttnPatchError, match="AttentionStore.aggregate"):
+    with pytest.raises(InputError, match="AttentionStore.aggregate"):
         cross_attention_variance([[0.0]], [1])
 
 
@@ -206,14 +206,14 @@ def test_region_gradcheck_maps_and_mask():
     ],
 )
 def test_region_bad_mask(mask, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         cross_attention_region(_cross(), mask, [1])
 
 
 def test_region_bad_mode():
-    with pytest.raises(AttnPatchError, match="'repel'.*'attract'"):
+    with pytest.raises(InputError, match="'repel'.*'attract'"):
         cross_attention_region(_cross(), torch.ones(2, 1, 4, 4), [1], mode="hide")
-    with pytest.raises(AttnPatchError, match="'repel'.*'attract'"):
+    with pytest.raises(InputError, match="'repel'.*'attract'"):
         CrossAttentionRegion("hide")
 
 
@@ -292,7 +292,7 @@ def test_structure_gradcheck():
     ],
 )
 def test_structure_errors(maps, ref, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         self_attention_structure(maps, ref)
 
 
@@ -304,7 +304,7 @@ def test_structure_module_stores_reference():
     torch.testing.assert_close(loss(maps), self_attention_structure(maps, ref))
     other = {"a": _self(seed=3)}
     torch.testing.assert_close(loss(maps, other), self_attention_structure(maps, other))
-    with pytest.raises(AttnPatchError, match="no reference"):
+    with pytest.raises(InputError, match="no reference"):
         SelfAttentionStructure()(maps)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 from attnpatch.losses import classifier as classifier_mod
 from attnpatch.losses.classifier import ClassifierLoss, classifier_loss
 from attnpatch.testing import tiny_classifier
@@ -147,10 +147,10 @@ def test_gradient_reaches_image_not_frozen_classifier():
     ],
 )
 def test_errors(logits, labels, kwargs, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         classifier_loss(logits, labels, **kwargs)
 
 
 def test_module_validates_options_early():
-    with pytest.raises(AttnPatchError, match="kind must be"):
+    with pytest.raises(InputError, match="kind must be"):
         ClassifierLoss(kind="nll")

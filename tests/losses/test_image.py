@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ImageLayoutError, ImageRangeError, InputError
 from attnpatch.losses import image as image_mod
 from attnpatch.losses.image import (
     PRINTABLE_LEVELS,
@@ -61,14 +61,14 @@ def test_downsample_mask_accepts_bhw_and_identity():
     ],
 )
 def test_downsample_mask_bad_shapes(shape, size, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         downsample_mask(torch.ones(shape), size)
 
 
 def test_downsample_mask_bad_values():
-    with pytest.raises(AttnPatchError, match=r"\[0, 1\]"):
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
         downsample_mask(torch.full((1, 1, 4, 4), 255.0), (2, 2))
-    with pytest.raises(AttnPatchError, match=r"\[0, 1\]"):
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
         downsample_mask(torch.full((1, 1, 4, 4), float("nan")), (2, 2))
 
 
@@ -117,15 +117,15 @@ def test_l2_norm_gradcheck():
 
 
 def test_l2_norm_errors():
-    with pytest.raises(AttnPatchError, match="shape of adv"):
+    with pytest.raises(InputError, match="shape of adv"):
         l2_norm(torch.rand(2, 3, 4, 4), torch.rand(2, 4, 4, 4))
-    with pytest.raises(AttnPatchError, match="mask has batch 3"):
+    with pytest.raises(InputError, match="mask has batch 3"):
         l2_norm(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), mask=torch.ones(3, 4, 4))
-    with pytest.raises(AttnPatchError, match="does not match"):
+    with pytest.raises(InputError, match="does not match"):
         l2_norm(torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4), mask=torch.ones(2, 6, 6))
-    with pytest.raises(AttnPatchError, match="reduction"):
+    with pytest.raises(InputError, match="reduction"):
         l2_norm(torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4), reduction="avg")
-    with pytest.raises(AttnPatchError, match="4-D|must be"):
+    with pytest.raises(InputError, match="4-D|must be"):
         l2_norm(torch.rand(3, 4, 4), torch.rand(3, 4, 4))
 
 
@@ -205,7 +205,7 @@ def test_palette_from_tensor():
     ],
 )
 def test_palette_errors(colors, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         printable_palette(colors)
 
 
@@ -241,7 +241,7 @@ def test_nps_gradcheck():
 
 
 def test_nps_errors():
-    with pytest.raises(AttnPatchError, match=r"\[0, 1\]"):
+    with pytest.raises(ImageRangeError, match=r"\[0, 1\]"):
         non_printability_score(torch.full((1, 3, 2, 2), 200.0))
-    with pytest.raises(AttnPatchError, match="channels"):
+    with pytest.raises(ImageLayoutError, match="channels"):
         non_printability_score(torch.rand(1, 4, 2, 2))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnpatch.losses
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 from attnpatch.losses import terms as terms_mod
 from attnpatch.losses.terms import LossTerms
 
@@ -71,21 +71,21 @@ def test_wants():
     assert terms.wants("classifier")
     assert not terms.wants("l2")
     assert terms.wants("l2", "self_attention")
-    with pytest.raises(AttnPatchError, match="unknown loss term 'cross_atention'"):
+    with pytest.raises(InputError, match="unknown loss term 'cross_atention'"):
         terms.wants("cross_atention")
-    with pytest.raises(AttnPatchError, match="at least one"):
+    with pytest.raises(InputError, match="at least one"):
         terms.wants()
 
 
 def test_unknown_name_raises_unless_registered_with_weight():
     terms = LossTerms({"classifier": 1.0})
-    with pytest.raises(AttnPatchError, match=r"unknown loss term 'clasifier'.*weight=w"):
+    with pytest.raises(InputError, match=r"unknown loss term 'clasifier'.*weight=w"):
         terms.add("clasifier", torch.tensor(1.0))
     terms.add("tv", torch.tensor(2.0), weight=0.5)
     terms.add("classifier", torch.tensor(1.0))
     assert terms.weights == {"classifier": 1.0, "tv": 0.5}
     assert terms.total().item() == 2.0
-    with pytest.raises(AttnPatchError, match="already has weight 1"):
+    with pytest.raises(InputError, match="already has weight 1"):
         terms.add("classifier", torch.tensor(1.0), weight=2.0)
 
 
@@ -93,9 +93,9 @@ def test_add_twice_raises_and_clear_resets():
     terms = LossTerms({"a": 1.0, "z": 0.0})
     terms.add("a", torch.tensor(1.0))
     terms.add("z", torch.tensor(1.0))
-    with pytest.raises(AttnPatchError, match="already added.*clear"):
+    with pytest.raises(InputError, match="already added.*clear"):
         terms.add("a", torch.tensor(2.0))
-    with pytest.raises(AttnPatchError, match="already added"):
+    with pytest.raises(InputError, match="already added"):
         terms.add("z", torch.tensor(2.0))
     assert terms.clear() is terms
     assert terms.as_dict() == {"a": None, "z": None, "total": None}
@@ -104,15 +104,15 @@ def test_add_twice_raises_and_clear_resets():
 
 
 def test_total_errors():
-    with pytest.raises(AttnPatchError, match="no loss term was added"):
+    with pytest.raises(InputError, match="no loss term was added"):
         LossTerms({"a": 1.0}).total()
     only_zero = LossTerms({"a": 1.0, "b": 0.0})
     only_zero.add("b", _boom)
-    with pytest.raises(AttnPatchError, match="every term added has weight 0"):
+    with pytest.raises(InputError, match="every term added has weight 0"):
         only_zero.total()
     missing = LossTerms({"a": 1.0, "b": 2.0})
     missing.add("a", torch.tensor(1.0))
-    with pytest.raises(AttnPatchError, match=r"\['b'\] have non-zero weights but were never added"):
+    with pytest.raises(InputError, match=r"\['b'\] have non-zero weights but were never added"):
         missing.total()
     assert missing.total(allow_missing=True).item() == 1.0
     assert missing.as_dict()["b"] is None
@@ -122,7 +122,7 @@ def test_non_finite_term_is_named_before_backward():
     terms = LossTerms({"a": 1.0, "b": 1.0})
     terms.add("a", torch.tensor(1.0))
     terms.add("b", torch.tensor(float("inf")))
-    with pytest.raises(AttnPatchError, match=r"non-finite loss terms \{'b': inf\}"):
+    with pytest.raises(InputError, match=r"non-finite loss terms \{'b': inf\}"):
         terms.total()
     assert math.isinf(terms.total(check_finite=False).item())
 
@@ -140,7 +140,7 @@ def test_non_finite_term_is_named_before_backward():
     ],
 )
 def test_bad_weights(weights, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         LossTerms(weights)
 
 
@@ -154,7 +154,7 @@ def test_bad_weights(weights, match):
     ],
 )
 def test_bad_values(value, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(InputError, match=match):
         LossTerms({"a": 1.0}).add("a", value)
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import attnpatch.models.classifier as classifier_mod
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ImageLayoutError, ImageRangeError, InputError, ModelError
 from attnpatch.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -74,17 +74,17 @@ def test_wrapper_frozen_stays_eval_and_keeps_batchnorm_stats(bn_net):
 
 def test_wrapper_validates_inputs(bn_net):
     clf = load_classifier(bn_net(), mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    with pytest.raises(AttnPatchError, match=r"\[-1, 1\] diffusion input"):
+    with pytest.raises(ImageRangeError, match=r"\[-1, 1\] diffusion input"):
         clf(torch.rand(1, 3, 8, 8) * 2 - 1)
-    with pytest.raises(AttnPatchError, match="channels-last"):
+    with pytest.raises(ImageLayoutError, match="channels-last"):
         clf(torch.rand(1, 8, 8, 3))
     clf.validate = False
     clf(torch.rand(1, 3, 8, 8) * 2 - 1)  # allowed when switched off
-    with pytest.raises(AttnPatchError, match="both mean and std"):
+    with pytest.raises(InputError, match="both mean and std"):
         NormalizedClassifier(bn_net(), mean=IMAGENET_MEAN)
-    with pytest.raises(AttnPatchError, match="3 values"):
+    with pytest.raises(InputError, match="3 values"):
         NormalizedClassifier(bn_net(), mean=(0.5, 0.5), std=(1, 1))
-    with pytest.raises(AttnPatchError, match="positive"):
+    with pytest.raises(InputError, match="positive"):
         NormalizedClassifier(bn_net(), mean=(0.5,) * 3, std=(1, 0, 1))
 
 
@@ -111,7 +111,7 @@ class _Returns(nn.Module):
     ],
 )
 def test_probe_rejects_non_logits(fn, match):
-    with pytest.raises(AttnPatchError, match=match):
+    with pytest.raises(ModelError, match=match):
         load_classifier(_Returns(fn))
 
 
@@ -128,7 +128,7 @@ def test_rewrap_overrides_normalisation_and_dtype(bn_net):
 def test_probe_checks_class_names_and_records_num_classes(bn_net):
     clf = load_classifier(bn_net(5), classes=list("abcde"))
     assert clf.num_classes == 5 and clf.classes == list("abcde")
-    with pytest.raises(AttnPatchError, match="5 logits per image but 3 class names"):
+    with pytest.raises(ModelError, match="5 logits per image but 3 class names"):
         load_classifier(bn_net(5), classes=["a", "b", "c"])
 
 
@@ -152,9 +152,9 @@ def test_local_weights_files(tmp_path, bn_net):
         clf = load_classifier("w", weights=tmp_path / name)
         torch.testing.assert_close(clf(x), source(x))
     torch.save(bn_net(5).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(AttnPatchError, match="do not fit the model"):
+    with pytest.raises(ModelError, match="do not fit the model"):
         load_classifier("w", weights=tmp_path / "other.pt")
-    with pytest.raises(AttnPatchError, match="not found"):
+    with pytest.raises(ModelError, match="not found"):
         load_classifier("w", weights=tmp_path / "missing.pt")
 
 
@@ -164,7 +164,7 @@ def test_local_weights_files(tmp_path, bn_net):
 @pytest.mark.parametrize("module", ["torchvision", "timm"])
 def test_missing_extra_gives_install_hint(module, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
-    with pytest.raises(AttnPatchError, match=rf"{module} is not installed.*attnpatch\[vision\]"):
+    with pytest.raises(ModelError, match=rf"{module} is not installed.*attnpatch\[vision\]"):
         load_classifier(f"{module}:resnet18")
 
 
@@ -179,7 +179,7 @@ def test_a_torchvision_that_does_not_load_beside_this_torch(monkeypatch, tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "torchvision", raising=False)
     with pytest.raises(
-        AttnPatchError,
+        ModelError,
         match=r"torchvision is installed but does not import beside torch .*"
         r"torchvision::nms.*matching pair.*attnpatch\[vision\]",
     ):
@@ -209,11 +209,11 @@ def test_probe_classifier_returns_width_on_the_models_device_and_dtype(bn_net):
 
 
 def test_probe_classifier_errors_name_the_model_and_the_fix(bn_net):
-    with pytest.raises(AttnPatchError, match=r"classifier 'resnet' .*shape \(2, 3, 8, 8\)"):
+    with pytest.raises(ModelError, match=r"classifier 'resnet' .*shape \(2, 3, 8, 8\)"):
         probe_classifier(_Returns(lambda x: x), 8, name="resnet")
-    with pytest.raises(AttnPatchError, match=r"classifier '_Returns' returned tuple"):
+    with pytest.raises(ModelError, match=r"classifier '_Returns' returned tuple"):
         probe_classifier(_Returns(lambda x: (x,)), 8)
-    with pytest.raises(AttnPatchError, match="4 logits per image but 2 class names"):
+    with pytest.raises(ModelError, match="4 logits per image but 2 class names"):
         probe_classifier(bn_net(4), 8, classes=["a", "b"])
-    with pytest.raises(AttnPatchError, match="input_size must be a positive int"):
+    with pytest.raises(InputError, match="input_size must be a positive int"):
         probe_classifier(bn_net(4), 0)

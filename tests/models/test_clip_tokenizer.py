@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import AttnPatchError, InputError, ModelError
 from attnpatch.testing import clip_tokenizer
 
 CLASS_NAMES = Path(__file__).parents[1] / "data" / "imagenet_class_names.txt"
@@ -203,24 +203,24 @@ def test_missing_open_clip_names_the_install(monkeypatch):
     monkeypatch.setattr(
         _MODULE.importlib.util, "find_spec", lambda n, *a: None if n == "open_clip" else real(n, *a)
     )
-    with pytest.raises(AttnPatchError, match=r"pip install --no-deps open-clip-torch.*path="):
+    with pytest.raises(ModelError, match=r"pip install --no-deps open-clip-torch.*path="):
         clip_tokenizer()
 
 
 def test_bad_arguments(tmp_path):
-    with pytest.raises(AttnPatchError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         clip_tokenizer(tmp_path / "nope.txt.gz")
     junk = tmp_path / "junk.txt"
     junk.write_text("#version: 0.2\na b\nc d\n")
-    with pytest.raises(AttnPatchError, match="not CLIP's BPE merge list"):
+    with pytest.raises(ModelError, match="not CLIP's BPE merge list"):
         clip_tokenizer(junk)
     broken = tmp_path / "broken.txt.gz"
     broken.write_bytes(b"not gzip")
-    with pytest.raises(AttnPatchError, match="cannot read"):
+    with pytest.raises(ModelError, match="cannot read"):
         clip_tokenizer(broken)
     _bpe_path()
-    with pytest.raises(AttnPatchError, match="pad_token"):
+    with pytest.raises(InputError, match="pad_token"):
         clip_tokenizer(pad_token="<pad>")
     for bad in (1, 77.0, True):
-        with pytest.raises(AttnPatchError, match="model_max_length"):
+        with pytest.raises(InputError, match="model_max_length"):
             clip_tokenizer(model_max_length=bad)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from attnpatch.diffusion import DiffusionParts
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import AttnPatchError, InputError, ModelError
 from attnpatch.models import load_diffusion, register_diffusion
 from attnpatch.testing import save_tiny_sd
 
@@ -93,11 +93,11 @@ def test_sdxl_folder_with_two_text_encoders(tmp_path):
 
 def test_diffusion_errors_and_custom_factories(tmp_path, sd15, sd2):
     (tmp_path / "half" / "unet").mkdir(parents=True)
-    with pytest.raises(AttnPatchError, match=r"\['vae', 'text_encoder'.*missing"):
+    with pytest.raises(ModelError, match=r"\['vae', 'text_encoder'.*missing"):
         load_diffusion(tmp_path / "half")
     single = tmp_path / "model.safetensors"
     single.write_bytes(b"x")
-    with pytest.raises(AttnPatchError, match="single file.*from_single_file"):
+    with pytest.raises(ModelError, match="single file.*from_single_file"):
         load_diffusion(single)
 
     # A tiny_sd stack is accepted; a mismatched text encoder is caught at load.
@@ -110,12 +110,12 @@ def test_diffusion_errors_and_custom_factories(tmp_path, sd15, sd2):
             sd15.unet, sd15.vae, sd2.text_encoder, sd15.tokenizer, sd15.scheduler
         ),
     )
-    with pytest.raises(AttnPatchError, match="cross_attention_dim is 8.*give \\[16\\]"):
+    with pytest.raises(ModelError, match="cross_attention_dim is 8.*give \\[16\\]"):
         load_diffusion("broken")
     register_diffusion("incomplete", lambda: types.SimpleNamespace(unet=sd15.unet))
-    with pytest.raises(AttnPatchError, match="without \\['vae'"):
+    with pytest.raises(ModelError, match="without \\['vae'"):
         load_diffusion("incomplete")
-    with pytest.raises(AttnPatchError, match="already registered"):
+    with pytest.raises(InputError, match="already registered"):
         register_diffusion("mine", lambda: sd15)
 
 
@@ -126,7 +126,8 @@ def test_diffusion_scheduler_converted_and_dtype(tmp_path):
     folder = save_tiny_sd(sd, tmp_path / "m")
     # SD folders ship other scheduler classes; attnpatch reads the config as DDIM.
     EulerDiscreteScheduler.from_config(sd.scheduler.config).save_pretrained(f"{folder}/scheduler")
-    parts = load_diffusion(folder, dtype=torch.float64)
+    with pytest.warns(FutureWarning, match=r"dtype=.*0\.3\.0.*torch_dtype="):
+        parts = load_diffusion(folder, dtype=torch.float64)  # the older switch: still works
     assert type(parts.scheduler).__name__ == "DDIMScheduler"
     assert parts.scheduler.config.beta_schedule == "scaled_linear"
     assert all(p.dtype == torch.float64 for m in parts.modules() for p in m.parameters())
@@ -147,7 +148,7 @@ def test_torch_dtype_loads_each_part_in_its_dtype(tmp_path, name):
 
 
 def test_torch_dtype_errors():
-    with pytest.raises(AttnPatchError, match="not both"):
+    with pytest.raises(InputError, match="not both"), pytest.warns(FutureWarning):
         load_diffusion("tiny", dtype=torch.float16, torch_dtype=torch.float16)
     with pytest.raises(AttnPatchError, match="torch_dtype must be"):
         load_diffusion("tiny", torch_dtype="float64")

@@ -7,7 +7,7 @@ import doctest
 import pytest
 import torch
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError, ModelError
 from attnpatch.models import (
     classifier_names,
     diffusion_names,
@@ -68,22 +68,22 @@ def test_register_and_load_with_kwargs_and_normalisation(bn_net):
 
 def test_registry_errors(bn_net):
     register_classifier("dup", lambda: bn_net())
-    with pytest.raises(AttnPatchError, match="already registered.*overwrite=True"):
+    with pytest.raises(InputError, match="already registered.*overwrite=True"):
         register_classifier("dup", lambda: bn_net())
     register_classifier("dup", lambda: bn_net(7), overwrite=True)
     assert load_classifier("dup").num_classes == 7
-    with pytest.raises(AttnPatchError, match="without ':'"):
+    with pytest.raises(InputError, match="without ':'"):
         register_classifier("torchvision:x", lambda: bn_net())
-    with pytest.raises(AttnPatchError, match=r"unknown classifier 'tinny'.*'tiny'.*Registered"):
+    with pytest.raises(ModelError, match=r"unknown classifier 'tinny'.*'tiny'.*Registered"):
         load_classifier("tinny")
     register_classifier("not-a-module", lambda: "oops")
-    with pytest.raises(AttnPatchError, match="returned str, not an nn.Module"):
+    with pytest.raises(ModelError, match="returned str, not an nn.Module"):
         load_classifier("not-a-module")
-    with pytest.raises(AttnPatchError, match="must be a name"):
+    with pytest.raises(InputError, match="must be a name"):
         load_classifier(42)
-    with pytest.raises(AttnPatchError, match="unknown diffusion stack 'tiny-sd4'.*tiny-sd3"):
+    with pytest.raises(ModelError, match="unknown diffusion stack 'tiny-sd4'.*tiny-sd3"):
         load_diffusion("tiny-sd4")
-    with pytest.raises(AttnPatchError, match="hub id.*huggingface-cli download"):
+    with pytest.raises(ModelError, match="hub id.*huggingface-cli download"):
         load_diffusion("stabilityai/stable-diffusion-2-1-base")
 
 
@@ -96,7 +96,7 @@ def test_registered_diffusion_factory_gets_kwargs_and_name_checks(sd15):
 
     register_diffusion("kw", factory)
     assert load_diffusion("kw", seed=5).unet is sd15.unet and calls == [5]
-    with pytest.raises(AttnPatchError, match="without ':'"):
+    with pytest.raises(InputError, match="without ':'"):
         register_diffusion("a:b", factory)
-    with pytest.raises(AttnPatchError, match="must be callable"):
+    with pytest.raises(InputError, match="must be callable"):
         register_diffusion("nope", 3)

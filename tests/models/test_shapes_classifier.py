@@ -12,7 +12,7 @@ from torch import nn
 
 import attnpatch.models.shapes_classifier as shapes_mod
 from attnpatch.data import ShapesConfig, shapes_dataset
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError, ModelError
 from attnpatch.models import (
     TINY_CLASSIFIER_VERSION,
     TINY_CLASSIFIERS,
@@ -107,7 +107,7 @@ def test_untrained_tiny_classifier_is_seeded_and_leaves_the_rng_alone():
 
 
 def test_train_tiny_classifier_needs_training_images():
-    with pytest.raises(AttnPatchError, match="train_per_class is 0"):
+    with pytest.raises(InputError, match="train_per_class is 0"):
         train_tiny_classifier(ShapesConfig(train_per_class=0, heldout_per_class=1))
 
 
@@ -190,5 +190,5 @@ def test_tiny_b_c_cache_round_trip(arch, tmp_path):
 
 
 def test_unknown_tiny_architecture():
-    with pytest.raises(AttnPatchError, match="unknown tiny classifier architecture 'tiny-x'"):
+    with pytest.raises(ModelError, match="unknown tiny classifier architecture 'tiny-x'"):
         train_tiny_classifier(ShapesConfig(train_per_class=1, heldout_per_class=1), arch="tiny-x")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from attnpatch.data import SHAPE_CLASSES
+from attnpatch.errors import InputError
 from attnpatch.models import load_classifier, load_diffusion
 from attnpatch.models.shapes_eval import (
     centre_of_mass,
@@ -111,10 +112,9 @@ def test_generation_makes_the_prompted_shape():
 
 
 def test_bad_half_or_a_missing_cfg_batch_is_refused_before_any_work():
-    from attnpatch.errors import AttnPatchError
 
     s = _scenes()
-    with pytest.raises(AttnPatchError, match="guidance_scale != 1"):
+    with pytest.raises(InputError, match="guidance_scale != 1"):
         word_maps(_shapes(), s["images"], s["labels"], half="uncond")
-    with pytest.raises(AttnPatchError, match="'cond' or 'uncond'"):
+    with pytest.raises(InputError, match="'cond' or 'uncond'"):
         word_maps(_shapes(), s["images"], s["labels"], half="both")

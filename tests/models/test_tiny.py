@@ -10,7 +10,7 @@ import torch
 import attnpatch.models.tiny as tiny_mod
 import attnpatch.testing as testing_mod
 from attnpatch.diffusion import DiffusionParts
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError, ModelError
 from attnpatch.testing import (
     VOCAB_WORDS,
     mid_unet,
@@ -70,9 +70,9 @@ def test_reference_unet_on_meta_and_errors():
     unet = reference_unet("sd15")
     assert unet.device.type == "meta" and unet.config.cross_attention_dim == 768
     assert all(not p.requires_grad for p in unet.parameters())
-    with pytest.raises(AttnPatchError, match="unknown reference UNet 'sd3'"):
+    with pytest.raises(ModelError, match="unknown reference UNet 'sd3'"):
         reference_unet("sd3")
-    with pytest.raises(AttnPatchError, match="unknown tiny variant 'sd3'"):
+    with pytest.raises(ModelError, match="unknown tiny variant 'sd3'"):
         tiny_sd("sd3")
-    with pytest.raises(AttnPatchError, match="deep=True exists for the sd15 variant only"):
+    with pytest.raises(InputError, match="deep=True exists for the sd15 variant only"):
         tiny_unet("sd2", deep=True)

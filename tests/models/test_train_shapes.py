@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ConfigError, RunFolderError
 from attnpatch.models import load_diffusion
 from attnpatch.models import train_shapes as ts
 
@@ -78,10 +78,10 @@ def test_same_seed_same_bytes_and_a_resumed_run_loses_nothing(tmp_path):
 def test_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path):
     out = tmp_path / "run"
     ts.train_shapes(out, ts.ShapesTrainConfig(**_SMALL), progress=False)
-    with pytest.raises(AttnPatchError, match="not empty; pass --resume"):
+    with pytest.raises(RunFolderError, match="not empty; pass --resume"):
         ts.train_shapes(out, ts.ShapesTrainConfig(**_SMALL), progress=False)
     other = ts.ShapesTrainConfig(**dict(_SMALL, unet_steps=5))
-    with pytest.raises(AttnPatchError, match="other settings"):
+    with pytest.raises(RunFolderError, match="other settings"):
         ts.train_shapes(out, other, resume=True, progress=False)
-    with pytest.raises(AttnPatchError, match="batch_size must be >= 1"):
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         ts.ShapesTrainConfig(batch_size=0)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 from attnpatch.patch.eot import EOT, EOTDraw, eot_matrix, photometric
 
 F64 = torch.float64
@@ -39,7 +39,7 @@ def _apply_h(M: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     ],
 )
 def test_bad_config_names_the_field(kwargs, word):
-    with pytest.raises(AttnPatchError, match=word):
+    with pytest.raises(InputError, match=word):
         EOT(**kwargs)
 
 
@@ -50,7 +50,7 @@ def test_dict_round_trip_and_unknown_key():
     data = eot.to_dict()
     data["scale"] = list(data["scale"])
     assert EOT.from_dict(data) == eot
-    with pytest.raises(AttnPatchError, match="unknown EOT keys"):
+    with pytest.raises(InputError, match="unknown EOT keys"):
         EOT.from_dict({**eot.to_dict(), "rotation": 3})
 
 

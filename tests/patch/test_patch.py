@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ConfigError, DataError, ImageRangeError, InputError
 from attnpatch.patch.eot import EOT
 from attnpatch.patch.patch import AdversarialPatch, patch_mask
 
@@ -26,7 +26,7 @@ def test_circle_mask_area_is_pi_r_squared():
     ellipse = patch_mask("circle", (8, 20))
     assert abs(float(ellipse.sum()) - math.pi * 4 * 10) < 0.02 * math.pi * 40
     assert torch.equal(patch_mask("square", (3, 5)), torch.ones(1, 1, 3, 5))
-    with pytest.raises(AttnPatchError, match="square"):
+    with pytest.raises(InputError, match="square"):
         patch_mask("triangle", 4)
 
 
@@ -58,11 +58,11 @@ def test_init_gray_random_and_images(tmp_path):
     assert torch.equal(e.pixels[0], array.permute(2, 0, 1).float() / 255)
     assert torch.equal(AdversarialPatch(init=str(path)).pixels, e.pixels)
 
-    with pytest.raises(AttnPatchError, match="no file"):
+    with pytest.raises(DataError, match="no file"):
         AdversarialPatch(init="nope.png")
-    with pytest.raises(AttnPatchError, match="255"):
+    with pytest.raises(ImageRangeError, match="255"):
         AdversarialPatch(init=torch.rand(3, 4, 4) * 255)
-    with pytest.raises(AttnPatchError, match="shape"):
+    with pytest.raises(InputError, match="shape"):
         AdversarialPatch(4, shape="star")
 
 
@@ -103,7 +103,7 @@ def test_clamp_keeps_parameter_and_optimizer_state():
     assert torch.equal(opt.state[param]["exp_avg"], exp_avg) and torch.equal(param.grad, grad)
     with torch.no_grad():
         param[0, 0, 0, 0] = float("nan")
-    with pytest.raises(AttnPatchError, match="NaN"):
+    with pytest.raises(ConfigError, match="NaN"):
         patch.clamp_()
 
 
@@ -141,13 +141,13 @@ def test_save_load_apply_is_bit_exact(tmp_path):
 def test_load_rejects_other_files(tmp_path):
     from safetensors.torch import save_file
 
-    with pytest.raises(AttnPatchError, match="no patch file"):
+    with pytest.raises(DataError, match="no patch file"):
         AdversarialPatch.load(tmp_path / "missing.safetensors")
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(AttnPatchError, match="not an attnpatch patch"):
+    with pytest.raises(DataError, match="not an attnpatch patch"):
         AdversarialPatch.load(tmp_path / "model.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(AttnPatchError, match="safetensors"):
+    with pytest.raises(DataError, match="safetensors"):
         AdversarialPatch.load(tmp_path / "junk.safetensors")
 
 
@@ -163,9 +163,9 @@ def test_to_image():
 
 def test_bad_sizes_raise():
     for size in (0, (4, -1), (4, 4, 4), 2.5, True):
-        with pytest.raises(AttnPatchError, match="size must be a positive int"):
+        with pytest.raises(InputError, match="size must be a positive int"):
             AdversarialPatch(size)
-    with pytest.raises(AttnPatchError, match="positive"):
+    with pytest.raises(InputError, match="positive"):
         patch_mask("circle", 0)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ImageLayoutError, ImageRangeError, InputError
 from attnpatch.patch import AdversarialPatch
 from attnpatch.patch.eot import EOT, EOTDraw, eot_matrix, photometric
 from attnpatch.patch.patch import patch_mask
@@ -348,11 +348,11 @@ def test_bad_images_raise_before_any_draw():
         torch.rand(0, 3, 16, 16),
     )
     state = torch.get_rng_state()
-    with pytest.raises(AttnPatchError, match="channels-last"):
+    with pytest.raises(ImageLayoutError, match="channels-last"):
         patch(channels_last)
-    with pytest.raises(AttnPatchError, match="255"):
+    with pytest.raises(ImageRangeError, match="255"):
         patch(pixels255)
-    with pytest.raises(AttnPatchError, match="empty batch"):
+    with pytest.raises(InputError, match="empty batch"):
         patch(empty)
     assert torch.equal(torch.get_rng_state(), state)
 
@@ -365,11 +365,11 @@ def test_patch_larger_than_image():
         AdversarialPatch(8, position=(30, 0)),
     )
     state = torch.get_rng_state()
-    with pytest.raises(AttnPatchError, match="larger than the image"):
+    with pytest.raises(InputError, match="larger than the image"):
         big(images)
-    with pytest.raises(AttnPatchError, match=r"1\.0 or less always fits"):
+    with pytest.raises(InputError, match=r"1\.0 or less always fits"):
         too_far(images)
-    with pytest.raises(AttnPatchError, match="top <= 24"):
+    with pytest.raises(InputError, match="top <= 24"):
         wide(images)
     assert torch.equal(torch.get_rng_state(), state)
     # a wide patch fits wide images at scale > 1 (longer side / shorter image side)
@@ -381,37 +381,37 @@ def test_patch_larger_than_image():
     "scale", [0, -0.3, (0.5, 0.2), (0.0, 0.3), float("nan"), "big", (0.1, 0.2, 0.3)]
 )
 def test_bad_scale(scale):
-    with pytest.raises(AttnPatchError, match="scale"):
+    with pytest.raises(InputError, match="scale"):
         AdversarialPatch(4, scale=scale)
 
 
 @pytest.mark.parametrize("position", ["left", (1.5, 2), (-1, 0), (1,)])
 def test_bad_position(position):
-    with pytest.raises(AttnPatchError, match="position"):
+    with pytest.raises(InputError, match="position"):
         AdversarialPatch(4, position=position)
 
 
 def test_mismatched_params_and_arguments():
     patch = AdversarialPatch(4)
     params = patch.sample_params(2, (16, 16))
-    with pytest.raises(AttnPatchError, match="sample_params"):
+    with pytest.raises(InputError, match="sample_params"):
         patch(torch.rand(3, 3, 16, 16), params=params)
-    with pytest.raises(AttnPatchError, match="sample_params"):
+    with pytest.raises(InputError, match="sample_params"):
         patch(torch.rand(2, 3, 16, 20), params=params)
-    with pytest.raises(AttnPatchError, match="not both"):
+    with pytest.raises(InputError, match="not both"):
         patch(torch.rand(2, 3, 16, 16), params=params, eot=False)
-    with pytest.raises(AttnPatchError, match="eot"):
+    with pytest.raises(InputError, match="eot"):
         patch(torch.rand(2, 3, 16, 16), eot="yes")
-    with pytest.raises(AttnPatchError, match=r"\(1, 3, h, w\)"):
+    with pytest.raises(InputError, match=r"\(1, 3, h, w\)"):
         apply_patch(torch.rand(2, 3, 16, 16), torch.rand(3, 4, 4), patch.mask, params)
 
 
 def test_bad_sizes_name_the_argument():
-    with pytest.raises(AttnPatchError, match="image size must be a positive int"):
+    with pytest.raises(InputError, match="image size must be a positive int"):
         sample_boxes(1, (0, 8), (2, 2))
-    with pytest.raises(AttnPatchError, match="patch size must be a positive int"):
+    with pytest.raises(InputError, match="patch size must be a positive int"):
         sample_boxes(1, (8, 8), (2, 2, 2))
-    with pytest.raises(AttnPatchError, match="image size"):
+    with pytest.raises(InputError, match="image size"):
         AdversarialPatch(4).sample_params(2, "big")
     assert sample_boxes(1, 8, 2, position=(0, 0)).tolist() == [[0, 0, 2, 2]]
 

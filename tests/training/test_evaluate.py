@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import attnpatch as ap
+from attnpatch.errors import DataError, InputError
 
 #: EOT switched on (evaluation forces it) with every transform at zero: exact placement.
 STILL = ap.EOT(
@@ -82,9 +83,9 @@ def test_summary_line_and_bad_input():
     text = str(r)
     assert "clean accuracy 100.0% on 2 held-out images" in text and "patch 100.0%" in text
     assert r.to_dict()["success_rate"] == 1.0
-    with pytest.raises(ap.AttnPatchError, match="no held-out images"):
+    with pytest.raises(DataError, match="no held-out images"):
         ap.evaluate_patch(RedVsGreen(), patch_of((1.0, 0.0, 0.0), 1.0), images[:0], labels[:0])
-    with pytest.raises(ap.AttnPatchError, match="eot_samples must be >= 1"):
+    with pytest.raises(InputError, match="eot_samples must be >= 1"):
         ap.evaluate_patch(
             RedVsGreen(), patch_of((1.0, 0.0, 0.0), 1.0), images, labels, eot_samples=0
         )

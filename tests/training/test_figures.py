@@ -13,7 +13,7 @@ from torch import nn
 
 import attnpatch as ap
 from attnpatch import viz
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import InputError
 from attnpatch.training import load_config, run_training, success_by_scale
 from attnpatch.training.evaluate import SCALES, at_scale
 from attnpatch.training.figures import class_names, write_figures
@@ -179,9 +179,9 @@ def test_at_scale_copies_the_patch_and_checks_the_scale():
     assert fixed.scale == 0.4 and fixed.position == "center" and fixed.eot == patch.eot
     assert torch.equal(fixed.pixels, patch.pixels) and torch.equal(fixed.mask, patch.mask)
     assert fixed.pixels is not patch.pixels
-    with pytest.raises(AttnPatchError, match="scale"):
+    with pytest.raises(InputError, match="scale"):
         at_scale(patch, 0.0)
-    with pytest.raises(AttnPatchError, match="scales is empty"):
+    with pytest.raises(InputError, match="scales is empty"):
         success_by_scale(RedVsGreen(), patch, torch.rand(2, 3, 8, 8), torch.zeros(2), ())
 
 

@@ -9,6 +9,15 @@ import torch
 
 import attnpatch as ap
 from attnpatch.data import ShapesConfig, TensorImageDataset, shapes_dataset
+from attnpatch.errors import (
+    ConfigError,
+    DataError,
+    ImageLayoutError,
+    ImageRangeError,
+    InputError,
+    ModelError,
+    RunFolderError,
+)
 from attnpatch.models import load_diffusion
 from attnpatch.testing import tiny_classifier
 from attnpatch.training.config import config_from_dict
@@ -170,7 +179,7 @@ def test_checkpoint_from_a_different_config_is_refused(parts, data, tmp_path):
     cfg = make_config(train={"iterations": 2, "checkpoint_every": 2})
     make_trainer(cfg, parts, data, tmp_path).train()
     other = make_config(train={"iterations": 2, "lr": 0.5})
-    with pytest.raises(ap.AttnPatchError, match="different config.*train.lr"):
+    with pytest.raises(RunFolderError, match="different config.*train.lr"):
         make_trainer(other, parts, data, tmp_path).load_checkpoint()
     longer = make_config(train={"iterations": 4, "checkpoint_every": 2})
     make_trainer(longer, parts, data, tmp_path).load_checkpoint()  # more iterations is fine
@@ -179,30 +188,30 @@ def test_checkpoint_from_a_different_config_is_refused(parts, data, tmp_path):
 def test_bad_input_is_reported_before_work(parts, data):
     trainer = make_trainer(make_config(), parts, data)
     images, labels = data.get_batch([0, 1])
-    with pytest.raises(ap.AttnPatchError, match="channels-last"):
+    with pytest.raises(ImageLayoutError, match="channels-last"):
         trainer.forward(images.permute(0, 2, 3, 1).contiguous(), labels)
-    with pytest.raises(ap.AttnPatchError, match="255"):
+    with pytest.raises(ImageRangeError, match="255"):
         trainer.forward(images * 255, labels)
     empty = TensorImageDataset(
         torch.zeros(0, 3, 32, 32), torch.zeros(0, dtype=torch.long), data.classes
     )
-    with pytest.raises(ap.AttnPatchError, match="empty"):
+    with pytest.raises(DataError, match="empty"):
         make_trainer(make_config(), parts, empty)
-    with pytest.raises(ap.AttnPatchError, match=r"logits \(B, classes\)"):
+    with pytest.raises(ModelError, match=r"logits \(B, classes\)"):
         make_trainer(make_config(), parts, data, classifier=torch.nn.Identity())
-    with pytest.raises(ap.AttnPatchError, match="classes"):
+    with pytest.raises(DataError, match="classes"):
         make_trainer(make_config(), parts, data, classifier=tiny_classifier(3))
-    with pytest.raises(ap.AttnPatchError, match="accumulate"):
+    with pytest.raises(ConfigError, match="accumulate"):
         make_config(train={"accumulate": 0})
-    with pytest.raises(ap.AttnPatchError, match="did you mean 'accumulate'"):
+    with pytest.raises(ConfigError, match="did you mean 'accumulate'"):
         make_config(train={"acumulate": 2})
-    with pytest.raises(ap.AttnPatchError, match="not a class"):
+    with pytest.raises(ConfigError, match="not a class"):
         make_trainer(make_config(attack={"targeted": True, "target": "zebra"}), parts, data)
     long_template = "a " * 80 + "photo of a {label}"  # the label falls past CLIP's 77 tokens
     with pytest.raises(ap.AttnPatchError, match="token"):
         make_trainer(make_config(data={"prompt_template": long_template}), parts, data)
     big = make_config(patch={"size": 40, "scale": []})  # native 40 px on 32 px images
-    with pytest.raises(ap.AttnPatchError, match="larger than the image"):
+    with pytest.raises(InputError, match="larger than the image"):
         make_trainer(big, parts, data)
 
 
@@ -239,7 +248,7 @@ def test_labels_map_to_a_larger_classifier_by_name(parts, data):
         def forward(self, x):
             return self.net(x)
 
-    with pytest.raises(ap.AttnPatchError, match="names no output"):
+    with pytest.raises(DataError, match="names no output"):
         make_trainer(make_config(), parts, data, classifier=Unnamed())
 
 

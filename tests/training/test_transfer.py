@@ -14,6 +14,7 @@ from torch import nn
 import attnpatch as ap
 from attnpatch.cli import main
 from attnpatch.data import ShapesConfig, shapes_dataset, write_image_folder
+from attnpatch.errors import ConfigError, DataError, InputError, ModelError
 from attnpatch.models import load_classifier
 from attnpatch.training import TransferTable, evaluate_transfer
 from attnpatch.training.config import TrainConfig, config_to_dict
@@ -173,10 +174,10 @@ def test_files_round_trip_and_describe_themselves(held, tmp_path):
     with Image.open(paths[2]) as im:
         assert im.format == "PNG" and im.width > 200
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(ap.AttnPatchError, match="not a transfer.json"):
+    with pytest.raises(DataError, match="not a transfer.json"):
         TransferTable.from_json(tmp_path / "bad.json")
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ap.AttnPatchError, match="not a transfer.csv"):
+    with pytest.raises(DataError, match="not a transfer.csv"):
         TransferTable.from_csv(tmp_path / "bad.csv")
 
 
@@ -207,22 +208,22 @@ def test_text_table_and_figure(held):
 def test_bad_inputs(held):
     x, y, names = held.images, held.labels, held.classes
     patch = make_patch()
-    with pytest.raises(ap.AttnPatchError, match="non-empty list"):
+    with pytest.raises(ConfigError, match="non-empty list"):
         evaluate_transfer(patch, "tiny", x, y, class_names=names)
-    with pytest.raises(ap.AttnPatchError, match="twice"):
+    with pytest.raises(ConfigError, match="twice"):
         evaluate_transfer(patch, ["tiny", "tiny"], x, y, class_names=names)
-    with pytest.raises(ap.AttnPatchError, match="unknown classifier 'tiny-z'"):
+    with pytest.raises(ModelError, match="unknown classifier 'tiny-z'"):
         evaluate_transfer(patch, ["tiny", "tiny-z"], x, y, class_names=names)
-    with pytest.raises(ap.AttnPatchError, match="N >= 1"):
+    with pytest.raises(InputError, match="N >= 1"):
         evaluate_transfer(patch, ["tiny"], x[:0], y[:0], class_names=names)
-    with pytest.raises(ap.AttnPatchError, match="eot_samples must be >= 1"):
+    with pytest.raises(InputError, match="eot_samples must be >= 1"):
         evaluate_transfer(patch, ["tiny"], x, y, class_names=names, eot_samples=0)
-    with pytest.raises(ap.AttnPatchError, match="target 'dog' is not among"):
+    with pytest.raises(InputError, match="target 'dog' is not among"):
         evaluate_transfer(patch, ["tiny"], x, y, class_names=names, target="dog")
     foreign = load_classifier(Foreign())
-    with pytest.raises(ap.AttnPatchError, match="targeted patch cannot be scored"):
+    with pytest.raises(ConfigError, match="targeted patch cannot be scored"):
         evaluate_transfer(patch, ["tiny", foreign], x, y, class_names=names, target="star")
-    with pytest.raises(ap.AttnPatchError, match="not the surrogate 'Foreign'"):
+    with pytest.raises(DataError, match="not the surrogate 'Foreign'"):
         evaluate_transfer(patch, ["tiny", foreign], x, y, class_names=names, surrogate="Foreign")
 
 

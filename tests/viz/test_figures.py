@@ -15,7 +15,7 @@ from matplotlib.image import AxesImage
 from PIL import Image
 
 from attnpatch import viz
-from attnpatch.errors import AttnPatchError
+from attnpatch.errors import ImageRangeError, InputError
 
 
 def _images(ax) -> list[AxesImage]:
@@ -78,9 +78,9 @@ def test_loss_curves_log_scale_exactly_when_a_positive_term_spans_two_decades():
 def test_loss_curves_default_names_and_errors():
     fig = viz.loss_curves(_records())  # every numeric field but iteration, step, counter
     assert [ax.get_title().split()[0] for ax in fig.axes] == ["decades", "narrow", "total"]
-    with pytest.raises(AttnPatchError, match="no values"):
+    with pytest.raises(InputError, match="no values"):
         viz.loss_curves(_records(), ["never"])
-    with pytest.raises(AttnPatchError, match="no values"):
+    with pytest.raises(InputError, match="no values"):
         viz.loss_curves([])
 
 
@@ -108,12 +108,22 @@ def test_attention_maps_one_panel_and_colour_bar_per_map():
     assert "'circle'" in fig.get_suptitle()
 
 
+def test_attention_maps_without_titles(raises):
+    # was: "cannot unpack non-iterable Tensor object"
+    maps = [torch.rand(4, 4), torch.rand(4, 4)]
+    fig = viz.attention_maps(torch.rand(3, 8, 8), maps, "x")
+    titles = [ax.get_title() for ax in _panels(fig)[1:]]
+    assert titles == ["'x' map 0", "'x' map 1"]
+    with raises(InputError, "maps[0]", "(title, tensor)"):
+        viz.attention_maps(torch.rand(3, 8, 8), [("a", "b", "c")], "x")
+
+
 def test_attention_maps_refuse_bad_inputs():
-    with pytest.raises(AttnPatchError, match=r"\(h, w\)"):
+    with pytest.raises(InputError, match=r"\(h, w\)"):
         viz.attention_maps(torch.rand(3, 8, 8), [("mean", torch.rand(1, 4, 4))], "x")
-    with pytest.raises(AttnPatchError, match=r"\[0, 255\]"):
+    with pytest.raises(ImageRangeError, match=r"\[0, 255\]"):
         viz.attention_maps(torch.rand(3, 8, 8) * 255, [("mean", torch.rand(4, 4))], "x")
-    with pytest.raises(AttnPatchError, match="non-empty"):
+    with pytest.raises(InputError, match="non-empty"):
         viz.attention_maps(torch.rand(3, 8, 8), [], "x")
 
 
@@ -129,9 +139,9 @@ def test_overlay_shape_range_and_blend():
     torch.testing.assert_close(half, 0.75 * image + 0.25 * out)
     big = viz.overlay(torch.rand(3, 20, 12), torch.randn(5, 3) * 100)
     assert big.shape == (3, 20, 12) and big.min() >= 0 and big.max() <= 1
-    with pytest.raises(AttnPatchError, match="colormap"):
+    with pytest.raises(InputError, match="colormap"):
         viz.overlay(image, amap, cmap="no-such-map")
-    with pytest.raises(AttnPatchError, match="alpha"):
+    with pytest.raises(InputError, match="alpha"):
         viz.overlay(image, amap, alpha=2.0)
 
 
@@ -160,9 +170,9 @@ def test_examples_grid_with_predictions_and_labels_under_each():
         assert red == (preds[i] != labels[i])
     plain = viz.examples(images[:3], ["x", "y", "z"])  # no labels: one row, predictions only
     assert [ax.get_xlabel() for ax in plain.axes] == ["pred: x", "pred: y", "pred: z"]
-    with pytest.raises(AttnPatchError, match="one length"):
+    with pytest.raises(InputError, match="one length"):
         viz.examples(images, preds[:3])
-    with pytest.raises(AttnPatchError, match="ncols"):
+    with pytest.raises(InputError, match="ncols"):
         viz.examples(images, preds, ncols=0)
 
 
@@ -178,7 +188,7 @@ def test_success_vs_scale_lines_in_percent():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["trained scales", "patch", "random control"]
     assert len(viz.success_vs_scale(scales, success).axes[0].get_lines()) == 1
-    with pytest.raises(AttnPatchError, match="one length"):
+    with pytest.raises(InputError, match="one length"):
         viz.success_vs_scale(scales, success[:2])
 
 
@@ -195,7 +205,7 @@ def test_transfer_bars_grouped_per_victim_with_the_surrogate_marked():
     assert ticks == ["resnet\n(surrogate)", "vit", "tiny"]
     values = sorted(t.get_text() for t in ax.texts)  # each bar labelled with its value
     assert values == sorted(f"{100 * v:.0f}" for v in success + control)
-    with pytest.raises(AttnPatchError, match="surrogate"):
+    with pytest.raises(InputError, match="surrogate"):
         viz.transfer_bars(names, success, control, surrogate="alexnet")
 
 
@@ -210,7 +220,7 @@ def test_save_writes_a_png_of_figsize_times_dpi(tmp_path):
         pixels = np.asarray(im.convert("RGB"))
     np.testing.assert_array_equal(pixels, viz.to_array(fig))  # what to_array renders
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left
-    with pytest.raises(AttnPatchError, match="Figure"):
+    with pytest.raises(InputError, match="Figure"):
         viz.save("not a figure", tmp_path / "x.png")
 
 
