@@ -119,6 +119,26 @@ def half_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype)
 
 
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _own_saved_tensors() -> torch.autograd.graph.saved_tensors_hooks:
+    """Around a controller call: what its ops save for backward is kept as they save it,
+    outside any activation checkpoint's bookkeeping.
+
+    A checkpoint counts the tensors saved inside the region in the forward pass and expects the
+    recompute to save the same ones; an observer records in the forward pass and not while
+    ``recomputing``, so anything its recording saves (``amax``, ``square()``, ``exp()``) would
+    break that count (``CheckpointError: A different number of tensors was saved``). Inside this
+    block the innermost saved-tensor hooks are identities, so those tensors are never counted:
+    in the forward pass they are kept for backward (as without checkpointing), and during a
+    recompute whatever a controller computes is outside the count too. Editors stay exact: the
+    edited probabilities are saved by ``probs @ V``, outside the block, and recomputed.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
 _ACCEPTED: dict[type, frozenset[str]] = {}
 
 
@@ -243,7 +263,8 @@ class ControlledAttnProcessor(AttnProcessor2_0):
             probs = outer._edit(probs, site)
         if self.controller.needs(site):
             given = probs
-            probs = self.controller(given, site)
+            with _own_saved_tensors():
+                probs = self.controller(given, site)
             if not isinstance(probs, torch.Tensor) or probs.shape != given.shape:
                 got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs)
                 raise AttnPatchError(

@@ -7,7 +7,7 @@ from collections.abc import Container, Iterable
 import torch
 from einops import rearrange
 
-from ...errors import AttnPatchError
+from ...errors import AttnPatchError, InputError
 from ..site import AttnSite, Resolution, as_resolution
 from .base import AttentionControl
 
@@ -145,6 +145,7 @@ class AttentionStore(AttentionControl):
         self-attention). Raises if nothing matching was recorded, listing what was.
         """
         _check_kind(kind)
+        self._check_one_resolution("aggregate", kind, resolution)
         layers = list(self.maps(kind, resolution, places).values())
         return torch.stack(layers).mean(dim=0) if len(layers) > 1 else layers[0]
 
@@ -159,6 +160,7 @@ class AttentionStore(AttentionControl):
         Needs ``per_step=True``.
         """
         _check_kind(kind)
+        self._check_one_resolution("step_maps", kind, resolution)
         if not self.per_step:
             raise AttnPatchError(
                 "step_maps() needs per-step maps; create the store with per_step=True"
@@ -182,6 +184,17 @@ class AttentionStore(AttentionControl):
                 "filters and that the UNet ran under hijack(unet, store)"
             )
         return found
+
+    def _check_one_resolution(self, what: str, kind: str, resolution: object) -> None:
+        """Averaging maps needs one size: ``None`` (or anything but an int or a pair) is refused
+        with the sizes that were recorded."""
+        if resolution is None:
+            recorded = sorted({s.resolution for s in self._sites.values() if s.kind == kind})
+            raise InputError(
+                f"{what}({kind!r}, None): maps are averaged at one resolution; pass one of the "
+                f"recorded {kind}-attention sizes {recorded or '(none recorded yet)'}, e.g. "
+                f"store.{what}({kind!r}, {recorded[0] if recorded else '16'})"
+            )
 
     @staticmethod
     def _spatial(maps: torch.Tensor, site: AttnSite) -> torch.Tensor:
