@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ...errors import AttnPatchError
+from ...errors import InputError
 from ..site import AttnSite
 
 __all__ = ["AttentionControl", "ComposeControl"]
@@ -103,7 +103,7 @@ class ComposeControl(AttentionControl):
                 flat.extend(c)
         for c in flat:
             if not isinstance(c, AttentionControl):
-                raise AttnPatchError(
+                raise InputError(
                     f"ComposeControl takes AttentionControl objects, got {type(c).__name__}"
                 )
         self.controllers: tuple[AttentionControl, ...] = tuple(flat)
