@@ -19,8 +19,18 @@ and one ``register_family(MyFamily())`` (docs/architecture.md, "Where new things
 ('unet', 'ddim', ('down', 'mid', 'up'))
 """
 
-from .base import AttnLayer, CallInfo, Family, Grid, Projection, TokenLayout, image_grid
+from .base import (
+    AttnLayer,
+    CallInfo,
+    Family,
+    Grid,
+    Projection,
+    TokenLayout,
+    image_grid,
+    refuse_unreproducible,
+)
 from .flux import FluxFamily, image_ids, pack_latents, unpack_latents
+from .reference import REFERENCE_TEXT_LENGTHS, REFERENCE_TRANSFORMER_CONFIGS, reference_transformer
 from .registry import (
     all_places,
     attention_layers,
@@ -49,6 +59,10 @@ __all__ = [
     "Projection",
     "Grid",
     "image_grid",
+    "refuse_unreproducible",
+    "reference_transformer",
+    "REFERENCE_TRANSFORMER_CONFIGS",
+    "REFERENCE_TEXT_LENGTHS",
     "UNetFamily",
     "SD3Family",
     "FluxFamily",

@@ -27,8 +27,14 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
 
 from ..errors import HookError
-from ..families import CallInfo, Family, TokenLayout, family_for_processor, get_family
-from ..families.base import refuse_unreproducible
+from ..families import (
+    CallInfo,
+    Family,
+    TokenLayout,
+    family_for_processor,
+    get_family,
+    refuse_unreproducible,
+)
 from .controllers.base import AttentionControl
 from .maths import (
     FP16_GRAD_SCALE,

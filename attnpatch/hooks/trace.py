@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._util import as_pair
-from ..errors import InputError
+from ..errors import AttnPatchError, InputError
 from ..families import family_of
 from .controllers import AttentionControl
 from .hijack import hijack
@@ -105,19 +105,23 @@ def format_sites(sites: list[AttnSite], *, markdown: bool = True) -> str:
 
 
 def summarize_sites(sites: list[AttnSite]) -> str:
-    """One line per (place, kind, resolution): how many layers, heads and the map shape."""
-    groups: dict[tuple[str, str, tuple[int, int] | None, int, int], int] = {}
+    """One line per (place, kind, resolution): how many layers, heads and the map shape a store
+    keeps (``"full"`` rows of joint layers: the whole ``(query, key)`` matrix)."""
+    groups: dict[tuple[str, str, tuple[int, int] | None, int, int], list[AttnSite]] = {}
     for s in sites:
         key = (s.place, s.kind, s.resolution, s.heads, s.key_len)
-        groups[key] = groups.get(key, 0) + 1
+        groups.setdefault(key, []).append(s)
     lines = [
         "| place | kind | (h, w) | layers | heads | stored map (B, h, w, key) |",
         "|---|---|---|---|---|---|",
     ]
-    for (place, kind, res, heads, key), n in groups.items():
+    for (place, kind, res, heads, _), members in groups.items():
         hw = f"{res[0]}x{res[1]}" if res else "?"
-        shape = f"(B, {res[0]}, {res[1]}, {key})" if res else "?"
-        lines.append(f"| {place} | {kind} | {hw} | {n} | {heads} | {shape} |")
+        try:
+            shape = "(B, " + ", ".join(map(str, members[0].map_shape)) + ")"
+        except AttnPatchError:  # layout unknown
+            shape = "?"
+        lines.append(f"| {place} | {kind} | {hw} | {len(members)} | {heads} | {shape} |")
     return "\n".join(lines)
 
 
