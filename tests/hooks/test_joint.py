@@ -408,3 +408,22 @@ def test_in_a_diffusers_pipeline(models, variant):
     assert store.num_steps == 3
     rows = 2 if variant == "sd3" else 1  # SD3's CFG batch [uncond; cond]
     assert store.aggregate("cross", GRID).shape == (rows, *GRID, TEXT)
+
+
+@pytest.mark.parametrize("variant", ["sd3", "flux"])
+def test_half_precision_gives_float32_maps_and_gradients(dit_builders, variant):
+    model = dit_builders[variant]().to(torch.bfloat16).requires_grad_(False)
+    x, cond, pooled, guidance = (
+        t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t for t in inputs(model)
+    )
+    x.requires_grad_(True)
+    ref = run(model, x, cond, pooled, guidance)
+    store = ap.AttentionStore()
+    with ap.hijack(model, store):
+        out = run(model, x, cond, pooled, guidance)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max() <= 0.05 * ref.float().abs().max()
+    maps = store.aggregate("cross", GRID)
+    assert maps.dtype == torch.float32  # what a controller reads keeps float32 precision
+    maps[..., 2].var().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
