@@ -19,6 +19,7 @@ layer's probabilities is printed with it (labelled computed).
 
     python benchmarks/bench_joint.py                   # both families, latent 64 (512 px)
     python benchmarks/bench_joint.py --family sd3 --latent 32
+    python benchmarks/bench_joint.py --clock cpu --threads 1   # on a machine others load
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ CONFIGS = {
     ),
 }
 TEXT = {"sd3": 333, "flux": 512}
+CLOCK = [time.perf_counter]
 CASES = ("unhooked", "store-cross", "store-cross-few", "store-cross-self")
 
 
@@ -158,9 +160,9 @@ def timings(family: str, latent: int, repeats: int, few: int) -> dict[str, float
     for _ in range(repeats + 1):  # the first round warms up
         for name, fn in cases.items():
             with ap.hijack(model, control) if name == "nothing-fwd" else _null():
-                t = time.perf_counter()
+                t = CLOCK[0]()
                 (fn or fwd)()
-                times[name].append(time.perf_counter() - t)
+                times[name].append(CLOCK[0]() - t)
     return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
@@ -179,6 +181,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--few", type=int, default=2, help="layers observed in case 3")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--child", nargs=2, metavar=("FAMILY", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -188,7 +192,14 @@ def main() -> None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     import torch
 
-    print(f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        CLOCK[0] = time.process_time
+    print(
+        f"Machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.clock} clock"
+    )
     print("| model | tokens (image + text) | case | median s | ratio | peak growth MiB |")
     print("|---|---|---|---:|---:|---:|")
     for family in families:
