@@ -198,7 +198,7 @@ def _before_call(state: HijackState, unswapped: list[nn.Module]):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if in_backward() and not getattr(_replays, "depth", 0):
             raise HookError(
-                "a UNet call under hijack is being recomputed during backward by a checkpoint "
+                "a model call under hijack is being recomputed during backward by a checkpoint "
                 "attnpatch does not manage, so its controller cannot replay the right step. Use "
                 "ddim_denoise(..., checkpoint=True), unet.enable_gradient_checkpointing() before "
                 "entering hijack, or attnpatch.hooks.checkpoint(fn, ..., module=unet)"
