@@ -22,7 +22,11 @@ _WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 def _trace_unet(spec: str):
     from . import testing
+    from .families import REFERENCE_TRANSFORMER_CONFIGS, reference_transformer
 
+    aliases = {"sd3": "sd3-medium", "sd35": "sd35-large", "flux": "flux-dev"}
+    if aliases.get(spec, spec) in REFERENCE_TRANSFORMER_CONFIGS:
+        return reference_transformer(aliases.get(spec, spec), device="meta")
     tiny = {"tiny": ("sd15", False), "tiny-deep": ("sd15", True), "tiny-sd2": ("sd2", False)}
     tiny["tiny-sdxl"] = ("sdxl", False)
     if spec == "shapes":
@@ -41,8 +45,9 @@ def _trace_unet(spec: str):
         return UNet2DConditionModel.from_pretrained(sub, local_files_only=True)
     raise ModelError(
         f"unknown model {spec!r} for trace: use shapes, tiny, tiny-deep, tiny-sd2, tiny-sdxl, "
-        f"{', '.join(testing.REFERENCE_UNET_CONFIGS)} (architectures on the meta device), or a "
-        "local diffusers folder"
+        f"{', '.join(testing.REFERENCE_UNET_CONFIGS)}, sd3, sd35, flux, "
+        f"{', '.join(REFERENCE_TRANSFORMER_CONFIGS)} (architectures on the meta device), or a "
+        "local diffusers UNet folder"
     )
 
 
@@ -62,12 +67,24 @@ def _latent_size(text: str | None) -> int | tuple[int, int] | None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
+    from .families import REFERENCE_TEXT_LENGTHS
     from .hooks import format_sites, summarize_sites, trace_attention
 
-    unet = _trace_unet(args.model)
+    model = _trace_unet(args.model)
     size = _latent_size(args.latent)
-    sites = trace_attention(unet, size, text_len=args.text_len)
-    print(f"{len(sites)} attention layers ({sum(not s.is_cross for s in sites)} self)")
+    aliases = {"sd3": "sd3-medium", "sd35": "sd35-large", "flux": "flux-dev"}
+    text_len = args.text_len or REFERENCE_TEXT_LENGTHS.get(aliases.get(args.model, args.model), 77)
+    sites = trace_attention(model, size, text_len=text_len)
+    layers = {s.name: s for s in sites}
+    joint = sum(s.kind == "full" for s in sites)
+    only_self = sum(s.part is None and not s.is_cross for s in layers.values())
+    if joint:
+        print(
+            f"{len(layers)} attention layers ({joint} joint image+text, {only_self} image-only; "
+            f"{text_len} text tokens)"
+        )
+    else:
+        print(f"{len(sites)} attention layers ({only_self} self)")
     print(summarize_sites(sites))
     if not args.summary:
         print()
@@ -76,17 +93,25 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _add_trace(sub) -> None:
-    trace = sub.add_parser("trace", help="table of every attention site of a UNet")
+    trace = sub.add_parser("trace", help="table of every attention site of a UNet or DiT")
     trace.add_argument(
         "--model",
         default="tiny",
-        help="shapes | tiny | tiny-deep | tiny-sd2 | tiny-sdxl | sd15 | sd21 | sdxl | PATH "
+        help="shapes | tiny | tiny-deep | tiny-sd2 | tiny-sdxl | sd15 | sd21 | sdxl | sd3 | "
+        "sd35 | flux | sd3-medium | sd35-medium | sd35-large | flux-dev | flux-schnell | PATH "
         "(default: tiny)",
     )
     trace.add_argument(
-        "--latent", default=None, help="latent size: 64 or 64x48 (default: the UNet's sample_size)"
+        "--latent",
+        default=None,
+        help="latent size: 64 or 64x48 (default: the model's sample_size; Flux 128)",
     )
-    trace.add_argument("--text-len", type=int, default=77, help="text tokens (default 77)")
+    trace.add_argument(
+        "--text-len",
+        type=int,
+        default=None,
+        help="text tokens (default 77; SD3 333 = 77 CLIP + 256 T5; Flux-dev 512, schnell 256)",
+    )
     trace.add_argument("--summary", action="store_true", help="only the per-resolution summary")
     trace.add_argument("--markdown", action="store_true", help="markdown table")
     trace.set_defaults(func=_cmd_trace)

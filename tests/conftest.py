@@ -106,3 +106,56 @@ def _registries_left_as_found(request):
     after = set(registry._CLASSIFIERS), set(registry._DIFFUSION)
     left = sorted((after[0] - before[0]) | (after[1] - before[1]))
     assert after == before, f"the test left {left} in the registries; use `registries`"
+
+
+# -- tiny diffusion transformers (random weights, built from the diffusers classes) -----------
+def _tiny_sd3(dual: bool = False):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=3,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=12,
+        out_channels=4,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0, 1) if dual else (),
+        qk_norm="rms_norm" if dual else None,
+    ).eval()
+
+
+def _tiny_flux(dev: bool = False):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, packed 2x2
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=12,
+        guidance_embeds=dev,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def dit_builders():
+    """Builders of fresh tiny DiTs: ``{"sd3", "sd35", "flux", "flux-dev"}`` -> ``() -> model``
+    (SD3: 3 joint blocks; SD3.5: dual attention in blocks 0 and 1, RMS qk-norm; Flux: 2 double-
+    and 2 single-stream blocks, 4 latent channels; Flux-dev: with the guidance embedding)."""
+    return {
+        "sd3": _tiny_sd3,
+        "sd35": lambda: _tiny_sd3(dual=True),
+        "flux": _tiny_flux,
+        "flux-dev": lambda: _tiny_flux(dev=True),
+    }

@@ -121,6 +121,31 @@ def test_trace_prints_every_site(capsys):
     assert "16x12" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "model, layers, rows",
+    [
+        ("sd3", "24 attention layers (24 joint image+text, 0 image-only; 333 text tokens)", 72),
+        ("flux", "57 attention layers (57 joint image+text, 0 image-only; 512 text tokens)", 171),
+    ],
+)
+def test_trace_diffusion_transformers(capsys, model, layers, rows):
+    """SD3-medium and Flux-dev from their public configs, on the meta device."""
+    assert main(["trace", "--model", model, "--latent", "64x48", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert layers in out
+    keys = 333 if model == "sd3" else 512
+    assert (
+        f"| joint | cross | 32x24 | {24 if model == 'sd3' else 19} | 24 | (B, 32, 24, {keys}) |"
+        in out
+    )
+    assert (
+        sum(line.startswith("| ") and "| 32x24 | (B, 24," in line for line in out.splitlines())
+        == rows
+    )
+    assert main(["trace", "--model", "sd4"]) == 2
+    assert "unknown model 'sd4'" in capsys.readouterr().err
+
+
 def test_configs_yaml_toml_flags_and_unknown_keys(tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("train:\n  accumulate: 3\npatch:\n  shape: circle\n")
     (tmp_path / "c.toml").write_text("[train]\naccumulate = 3\n[patch]\nshape = 'circle'\n")

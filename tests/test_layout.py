@@ -24,6 +24,7 @@ LAYERS = {
     "_version": 0,
     "_util": 0.5,
     "images": 0.75,
+    "families": 0.9,
     "hooks": 1,
     "diffusion": 2,
     "losses": 2,
@@ -159,7 +160,8 @@ def test_top_level_api_is_small_and_complete():
     for name in attnpatch.__all__:
         assert hasattr(attnpatch, name), name
     public = {n for n in vars(attnpatch) if not n.startswith("_")}
-    subpackages = {"hooks", "diffusion", "losses", "patch", "data", "models", "training", "viz"}
+    subpackages = {"families", "hooks", "diffusion", "losses", "patch", "data", "models"}
+    subpackages |= {"training", "viz"}
     assert public - set(attnpatch.__all__) <= subpackages | {"errors", "images", "testing", "cli"}
 
 

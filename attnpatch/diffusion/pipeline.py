@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .._util import as_pair
-from ..errors import AttnPatchError, ModelError
+from ..errors import AttnPatchError, InputError, ModelError
 from ..hooks import (
     AttentionControl,
     AttentionStore,
@@ -68,6 +68,8 @@ class AttentionResult:
 
     def cross_maps(self, resolution: Resolution) -> torch.Tensor:
         """Cross-attention ``(B, h, w, 77)`` averaged over heads, layers, steps."""
+        if resolution is None:  # a clear error, not torch's from stacking several sizes
+            raise InputError("cross_maps needs a resolution, e.g. pipe.cross_resolution")
         return self.cross.aggregate("cross", resolution)[-self.batch :]
 
     def self_maps(self) -> dict[str, torch.Tensor]:

@@ -1,18 +1,32 @@
-"""The hook layer: read and edit a UNet's attention through diffusers processors.
+"""The hook layer: read and edit a diffusion model's attention through diffusers processors.
 
-* :class:`AttnSite` — one attention layer during one call (where, kind, heads, shapes).
+UNets (SD 1.x/2.x/SDXL) and diffusion transformers (SD3/SD3.5, Flux) alike: where layers sit
+and which tokens are image and which text is asked of the model's family
+(:mod:`attnpatch.families`).
+
+* :class:`AttnSite` — one attention layer (or one block of a joint layer) during one call
+  (where, kind, heads, shapes).
 * controllers — :class:`AttentionControl` (the interface), :class:`AttentionStore`,
   :class:`ComposeControl`, :class:`ReweightCrossAttention`.
-* :class:`ControlledAttnProcessor` — the ``AttnProcessor2_0`` subclass a controller drives.
+* :class:`ControlledAttnProcessor` — the ``AttnProcessor2_0`` subclass a controller drives
+  (:class:`ControlledRotaryProcessor` for Flux's positional call convention).
 * :func:`hijack` — install controlled processors for a ``with`` block, always restore them;
   :func:`checkpoint` — activation checkpointing whose recompute replays the hijack.
-* :func:`trace_attention` — every attention site of a UNet, as a table.
+* :func:`trace_attention` — every attention site of a model, as a table.
 """
 
 from .controllers import AttentionControl, AttentionStore, ComposeControl, ReweightCrossAttention
 from .hijack import attention_modules, checkpoint, hijack, in_backward, is_hijacked
-from .processor import ControlledAttnProcessor, attention_probs
-from .site import AttnSite, Resolution, as_resolution, infer_resolution, parse_place
+from .processor import ControlledAttnProcessor, ControlledRotaryProcessor, attention_probs
+from .site import (
+    KINDS,
+    AttnSite,
+    JointTokens,
+    Resolution,
+    as_resolution,
+    infer_resolution,
+    parse_place,
+)
 from .trace import (
     format_sites,
     pick_cross_resolution,
@@ -23,6 +37,8 @@ from .trace import (
 
 __all__ = [
     "AttnSite",
+    "JointTokens",
+    "KINDS",
     "Resolution",
     "as_resolution",
     "infer_resolution",
@@ -32,6 +48,7 @@ __all__ = [
     "ComposeControl",
     "ReweightCrossAttention",
     "ControlledAttnProcessor",
+    "ControlledRotaryProcessor",
     "attention_probs",
     "attention_modules",
     "hijack",

@@ -8,7 +8,8 @@ recompute would run other code than the forward did, record maps twice and edit 
 step. attnpatch's recomputes go through torch's public ``context_fn`` hook instead:
 
 * at forward time :func:`checkpoint` snapshots every attention module's processor and, for each
-  hijack whose processors are installed, the controller's step and the latent size;
+  hijack whose processors are installed, the controller's step and what the model call fixed
+  (latent size, token grid, text length);
 * around the recompute it re-installs those processors and enters
   ``controller.replaying(step)`` (observers record nothing, editors edit as in the forward),
   then puts back whatever was installed.
@@ -36,9 +37,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
-from ..errors import AttnPatchError
+from ..errors import HookError, InputError, ModelError
+from ..families import attention_layers, checkpointable_blocks, family_of
 from .controllers import AttentionControl
-from .processor import ControlledAttnProcessor, HijackState
+from .processor import ControlledAttnProcessor, ControlledRotaryProcessor, HijackState
 
 __all__ = ["hijack", "is_hijacked", "checkpoint", "attention_modules", "in_backward"]
 
@@ -46,20 +48,26 @@ C = TypeVar("C", bound=AttentionControl)
 
 
 def attention_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(path, module)`` for every diffusers attention module (anything with a processor)."""
-    for name, sub in module.named_modules():
-        if hasattr(sub, "set_processor") and hasattr(sub, "processor"):
-            yield name, sub
+    """``(path, module)`` for every diffusers attention module (anything with a processor);
+    found once per model and cached (:func:`attnpatch.families.attention_layers`)."""
+    for layer in attention_layers(module):
+        yield layer.name, layer.module
 
 
 @contextlib.contextmanager
 def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
     """Let ``controller`` read and edit every attention layer of ``unet`` inside the block.
 
+    ``unet`` is the denoising model: a ``UNet2DConditionModel``, an ``SD3Transformer2DModel``
+    or a ``FluxTransformer2DModel`` (any model of a registered family, see
+    :mod:`attnpatch.families`; the family says where its layers sit and which tokens are image
+    and which text). Its attention modules are found once per model (cached), so entering and
+    leaving a block costs no walk of the module tree.
+
     On entry it snapshots each attention module's processor object and installs a
-    :class:`~attnpatch.hooks.ControlledAttnProcessor` module by module; it also registers UNet
-    forward hooks that record each call's latent size and advance ``controller.cur_step`` after
-    each call. In ``finally`` — on normal exit, on any exception, on KeyboardInterrupt, and when
+    :class:`~attnpatch.hooks.ControlledAttnProcessor` module by module; it also registers model
+    forward hooks that record what each call fixes (latent size, token grid, text length) and
+    advance ``controller.cur_step`` after each call. In ``finally`` — on normal exit, on any exception, on KeyboardInterrupt, and when
     installation fails halfway — it removes the hooks and puts back the very same processor
     objects. Nested hijacks on one UNet stack: the inner one chains to the outer one's
     processors and restores them on exit.
@@ -72,60 +80,69 @@ def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
     The controller is not reset on entry: call ``controller.reset()`` when you start a new run.
 
     Args:
-        unet: a diffusers model with attention modules (``UNet2DConditionModel``, or any model
-            whose attention layers have ``set_processor``).
+        unet: a diffusers model with attention modules (``UNet2DConditionModel``,
+            ``SD3Transformer2DModel``, ``FluxTransformer2DModel``, or any model whose attention
+            layers have ``set_processor``: diffusers' ``Attention`` rules then apply).
         controller: an :class:`~attnpatch.AttentionControl`.
 
     Yields:
         ``controller``, so ``with hijack(unet, AttentionStore()) as store:`` works.
     """
     if not isinstance(controller, AttentionControl):
-        raise AttnPatchError(
+        raise InputError(
             f"hijack needs an attnpatch.AttentionControl (e.g. AttentionStore()), got "
             f"{type(controller).__name__}"
         )
     if not isinstance(unet, nn.Module):
-        inner = getattr(unet, "unet", None)
-        hint = "pass its .unet" if isinstance(inner, nn.Module) else "pass a diffusers UNet"
-        raise AttnPatchError(
-            f"hijack needs the UNet (an nn.Module such as pipe.unet or parts.unet), got a "
-            f"{type(unet).__name__}; {hint}"
+        inner = getattr(unet, "transformer", None) or getattr(unet, "unet", None)
+        attr = "transformer" if getattr(unet, "transformer", None) is not None else "unet"
+        hint = f"pass its .{attr}" if isinstance(inner, nn.Module) else "pass a diffusers model"
+        raise InputError(
+            f"hijack needs the denoising model (an nn.Module such as pipe.unet, "
+            f"pipe.transformer or parts.unet), got a {type(unet).__name__}; {hint}"
         )
-    modules: list[tuple[str, nn.Module]] = []
-    blocks: list[nn.Module] = []  # modules diffusers can checkpoint
-    for name, module in unet.named_modules():  # one traversal for both lists
-        if hasattr(module, "set_processor") and hasattr(module, "processor"):
-            modules.append((name, module))
-        if hasattr(module, "gradient_checkpointing"):
-            blocks.append(module)
-    if not modules:
-        raise AttnPatchError(
-            f"{type(unet).__name__} has no attention modules with set_processor(); pass the UNet "
-            "(pipe.unet), not the pipeline"
+    family = family_of(unet)
+    layers = attention_layers(unet)  # found once per model (cached)
+    blocks = checkpointable_blocks(unet)  # modules diffusers can checkpoint
+    if not layers:
+        raise ModelError(
+            f"{type(unet).__name__} has no attention modules with set_processor(); pass the "
+            "model (pipe.unet, pipe.transformer), not the pipeline"
         )
-    for name, module in modules:
-        if id(controller) in _controllers_of(module.processor):
-            raise AttnPatchError(
-                f"this controller already hijacks {name}; nesting hijack with the same controller "
-                "would count every step twice: use one block, or a second controller"
+    for layer in layers:
+        if id(controller) in _controllers_of(layer.module.processor):
+            raise HookError(
+                f"this controller already hijacks {layer.name}; nesting hijack with the same "
+                "controller would count every step twice: use one block, or a second controller"
             )
-    state = HijackState(controller)
+    state = HijackState(controller, family, unet)
+    kind = ControlledRotaryProcessor if family.convention == "rotary" else ControlledAttnProcessor
     installed: list[tuple[nn.Module, Any]] = []
     handles: list[Any] = []
     swapped: list[tuple[nn.Module, Any]] = []
     try:
-        for name, module in modules:
+        for layer in layers:
+            module = layer.module
             original = module.processor
             module.set_processor(
-                ControlledAttnProcessor(controller, name=name, original=original, state=state)
+                kind(
+                    controller,
+                    name=layer.name,
+                    original=original,
+                    state=state,
+                    family=family,
+                    place=(layer.place, layer.block),
+                )
             )
             installed.append((module, original))
         for block in blocks:
             if block.gradient_checkpointing:
                 swapped.append((block, block._gradient_checkpointing_func))
                 block._gradient_checkpointing_func = _replaying_checkpoint
-        pre_hook = _before_call(state, [b for b in blocks if not b.gradient_checkpointing])
-        handles.append(unet.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        unswapped = [b for b in blocks if not b.gradient_checkpointing]
+        handles.append(
+            unet.register_forward_pre_hook(_before_call(state, unswapped), with_kwargs=True)
+        )
         handles.append(unet.register_forward_hook(_after_call(controller)))
         yield controller
     finally:
@@ -145,7 +162,10 @@ def hijack(unet: nn.Module, controller: C) -> Iterator[C]:
 
 def is_hijacked(unet: nn.Module) -> bool:
     """True if any attention layer of ``unet`` runs a controlled processor."""
-    return any(isinstance(m.processor, ControlledAttnProcessor) for _, m in attention_modules(unet))
+    return any(
+        isinstance(layer.module.processor, ControlledAttnProcessor)
+        for layer in attention_layers(unet)
+    )
 
 
 def _chain(processor: Any) -> Iterator[ControlledAttnProcessor]:
@@ -171,12 +191,14 @@ def in_backward() -> bool:
 
 
 def _before_call(state: HijackState, unswapped: list[nn.Module]):
-    """The UNet pre-hook: record the latent size; refuse recomputes the replay does not manage."""
+    """The model pre-hook: record what the call fixes (latent size, token grid, text length:
+    the family reads them); refuse recomputes the replay does not manage."""
+    call_info = state.family.call_info
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if in_backward() and not getattr(_replays, "depth", 0):
-            raise AttnPatchError(
-                "a UNet call under hijack is being recomputed during backward by a checkpoint "
+            raise HookError(
+                "a model call under hijack is being recomputed during backward by a checkpoint "
                 "attnpatch does not manage, so its controller cannot replay the right step. Use "
                 "ddim_denoise(..., checkpoint=True), unet.enable_gradient_checkpointing() before "
                 "entering hijack, or attnpatch.hooks.checkpoint(fn, ..., module=unet)"
@@ -187,14 +209,12 @@ def _before_call(state: HijackState, unswapped: list[nn.Module]):
             and not replaying
             and any(b.gradient_checkpointing for b in unswapped)
         ):
-            raise AttnPatchError(
+            raise HookError(
                 "unet.enable_gradient_checkpointing() was called inside `with hijack(...)`, so "
                 "its recomputes would bypass the controller's replay; call it before entering "
                 "the block"
             )
-        sample = args[0] if args else kwargs.get("sample")
-        if sample is not None and getattr(sample, "ndim", 0) == 4:
-            state.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        state.call = call_info(module, args, kwargs)
 
     return hook
 
@@ -218,22 +238,33 @@ class _Replay:
     """Re-installs forward-time processors and replays hijack states around a recompute."""
 
     def __init__(self, module: nn.Module):
-        self.processors: list[tuple[nn.Module, Any]] = []
+        # the attention modules of ``module`` (found once per model: the cached index)
+        self.processors = [
+            (layer.module, layer.module.processor) for layer in attention_layers(module)
+        ]
         # diffusers blocks checkpointed inside ``module`` (memory="low" nests them in a
         # checkpointed UNet call): the recompute must route them through the replay as the
         # forward did, even after the hijack (which swapped their function) has exited.
-        self.blocks: list[tuple[nn.Module, Any]] = []
-        for sub in module.modules():
-            if hasattr(sub, "set_processor") and hasattr(sub, "processor"):
-                self.processors.append((sub, sub.processor))
-            if getattr(sub, "gradient_checkpointing", False) is True:
-                self.blocks.append((sub, sub._gradient_checkpointing_func))
+        self.blocks = [
+            (sub, sub._gradient_checkpointing_func)
+            for sub in checkpointable_blocks(module)
+            if getattr(sub, "gradient_checkpointing", False) is True
+        ]
         states: dict[int, HijackState] = {}
         for _, proc in self.processors:
             for p in _chain(proc):
                 states.setdefault(id(p.state), p.state)
-        self.states = [(s, s.controller.cur_step, s.latent_hw) for s in states.values()]
+        self.states = [(s, s.controller.cur_step, s.call) for s in states.values()]
+        self.module = module
         self._stack: contextlib.ExitStack | None = None
+
+    def _record_calls(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """While recomputing a whole model call, what the call fixes (latent size, token grid,
+        text length) is read from its arguments, as the hijack's pre-hook did in the forward
+        pass (the snapshot above predates the call; the hijack may have exited)."""
+        for state, _, _ in self.states:
+            if state.model is module:
+                state.call = state.family.call_info(module, args, kwargs)
 
     def __enter__(self) -> _Replay:
         stack = contextlib.ExitStack()
@@ -250,10 +281,13 @@ class _Replay:
                 )
                 block._gradient_checkpointing_func = func
                 block.gradient_checkpointing = True
-            for state, step, latent_hw in self.states:
-                stack.callback(setattr, state, "latent_hw", state.latent_hw)
-                state.latent_hw = latent_hw
+            for state, step, call in self.states:
+                stack.callback(setattr, state, "call", state.call)
+                state.call = call
                 stack.enter_context(state.controller.replaying(step))
+            if any(state.model is self.module for state, _, _ in self.states):
+                handle = self.module.register_forward_pre_hook(self._record_calls, with_kwargs=True)
+                stack.callback(handle.remove)
         except BaseException:
             stack.close()
             raise

@@ -1,125 +1,94 @@
-"""The diffusers attention processor that a controller drives.
+"""The diffusers attention processors that a controller drives.
 
-:class:`ControlledAttnProcessor` is installed on one attention layer by :func:`attnpatch.hijack`.
-On every call it builds the layer's :class:`~attnpatch.AttnSite` and asks the controller whether
-it ``needs`` it:
+:class:`ControlledAttnProcessor` is installed on one attention layer by :func:`attnpatch.hijack`
+(:class:`ControlledRotaryProcessor` on layers that call their processor as Flux's
+``FluxAttention`` does). On every call it builds the layer's :class:`~attnpatch.AttnSite`\\ s from
+the model family's token layout (one site for a UNet layer; one per block of the attention
+matrix for joint attention) and asks the controller whether it ``needs`` them:
 
-* no  -> the original processor runs unchanged (``AttnProcessor2_0``'s
-  ``F.scaled_dot_product_attention`` in a default UNet): no probabilities are materialised;
-* yes -> the probabilities softmax(QKᵀ·scale) are computed explicitly (in float32 when the
-  layer runs in half precision or under autocast: the controller then gets float32, and the
-  product with V runs in V's dtype), honouring ``attn.scale``, ``upcast_attention`` /
-  ``upcast_softmax``, attention masks, group/spatial norms and the residual / rescale settings,
-  handed to the controller, and the probabilities it returns are multiplied with V.
+* none -> the original processor object runs unchanged (``F.scaled_dot_product_attention`` /
+  ``dispatch_attention_fn`` with its backend): no probabilities are materialised;
+* some -> Q, K, V are computed as the original processor computes them (the family's
+  :meth:`~attnpatch.families.Family.project`: norms, rotary embeddings, masks), the
+  probabilities softmax(QKᵀ·scale) explicitly (in float32 when the layer runs in half
+  precision or under autocast: the controller then gets float32, and the product with V runs in
+  V's dtype), each needed block is handed to the controller, the blocks it returns are written
+  back, and the probabilities are multiplied with V.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from typing import Any
 
 import torch
-from diffusers.models.attention_processor import (
-    Attention,
-    AttnProcessor,
-    AttnProcessor2_0,
-    FusedAttnProcessor2_0,
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from torch import nn
+
+from ..errors import HookError
+from ..families import (
+    CallInfo,
+    Family,
+    TokenLayout,
+    family_for_processor,
+    get_family,
+    refuse_unreproducible,
 )
-
-from ..errors import AttnPatchError
 from .controllers.base import AttentionControl
-from .site import AttnSite, Resolution, infer_resolution, parse_place
+from .maths import (
+    FP16_GRAD_SCALE,
+    attention_probs,
+    half_cast,
+    own_saved_tensors,
+    projection_probs,
+)
+from .site import AttnSite, JointTokens, Resolution
 
-__all__ = ["ControlledAttnProcessor", "HijackState", "attention_probs"]
+__all__ = [
+    "ControlledAttnProcessor",
+    "ControlledRotaryProcessor",
+    "HijackState",
+    "attention_probs",
+    "half_cast",
+    "FP16_GRAD_SCALE",
+]
 
-# Processors whose computation the explicit path reproduces exactly (up to float rounding).
-_REPRODUCIBLE: tuple[type, ...] = (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0)
+#: the blocks of a joint layer's attention, in the order controllers are asked about them:
+#: kind -> (query tokens, key tokens) as "image" / "text" / "all"
+_PARTS = {
+    "full": ("all", "all"),
+    "cross": ("image", "text"),
+    "self": ("image", "image"),
+    "text_cross": ("text", "image"),
+    "text_self": ("text", "text"),
+}
 
 
 class HijackState:
-    """What the processors of one hijack share: the controller, and the latent size of the
-    current UNet call (set by the hijack's pre-hook; it fixes the (h, w) of every site)."""
+    """What the processors of one hijack share: the controller, the model's family, and what
+    the current model call fixes (its latent size, token grid and text length: set by the
+    hijack's pre-hook)."""
 
-    def __init__(self, controller: AttentionControl):
+    def __init__(
+        self,
+        controller: AttentionControl,
+        family: Family | None = None,
+        model: nn.Module | None = None,
+    ):
         self.controller = controller
-        self.latent_hw: Resolution | None = None
+        self.family = family if family is not None else get_family("unet")
+        self.model = model  # the hijacked model (its calls set ``call``)
+        self.call = CallInfo()
 
-
-def attention_probs(
-    attn: Attention,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """softmax(Q Kᵀ · attn.scale + mask) as diffusers' ``Attention.get_attention_scores`` does.
-
-    Args:
-        query: ``(B, heads, L, d)``; key: ``(B, heads, S, d)``.
-        attention_mask: additive, broadcastable to ``(B, heads, L, S)``.
-        dtype: the result's dtype (default: the query's). ``torch.float32`` computes the
-            scores and the softmax in float32, outside any autocast region.
-
-    Returns:
-        ``(B, heads, L, S)`` rows summing to 1; ``upcast_attention`` computes the scores in
-        float32, ``upcast_softmax`` the softmax.
-    """
-    out_dtype = query.dtype if dtype is None else dtype
-    full = attn.upcast_attention or out_dtype == torch.float32
-    device = query.device.type
-    no_autocast = full and torch.is_autocast_enabled(device)
-    with torch.autocast(device, enabled=False) if no_autocast else contextlib.nullcontext():
-        if full:
-            query, key = half_cast(query, torch.float32), half_cast(key, torch.float32)
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        if attn.upcast_softmax or out_dtype == torch.float32:
-            scores = scores.float()
-        return scores.softmax(dim=-1).to(out_dtype)
-
-
-#: Gradients crossing into a float16 region are multiplied by this, and divided by it where
-#: they leave (see :func:`half_cast`): float16's smallest normal number is 6e-5, and the
-#: gradients of attention losses through a UNet are often far below it (they would flush to
-#: zero). bfloat16 has float32's range and is not scaled.
-FP16_GRAD_SCALE = 1024.0
-
-
-class _HalfBoundary(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dtype: torch.dtype, factor: float) -> torch.Tensor:
-        ctx.source, ctx.factor = x.dtype, factor
-        return x.to(dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        return (grad.float() * ctx.factor).to(ctx.source), None, None
-
-
-def half_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``; across a float16 boundary the gradient is rescaled on the way back.
-
-    Into float16 (an input of a float16 UNet): the gradient leaving the half region is divided
-    by :data:`FP16_GRAD_SCALE`; out of float16 (its output, or probabilities upcast for a
-    controller): the gradient entering it is multiplied. Values are unchanged and gradients
-    outside the half region are the true ones, while inside it they stay clear of float16's
-    underflow. Other casts are plain.
-    """
-    if x.dtype == dtype:
-        return x
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return x.to(dtype)
-    if dtype == torch.float16:
-        return _HalfBoundary.apply(x, dtype, 1.0 / FP16_GRAD_SCALE)
-    if x.dtype == torch.float16:
-        return _HalfBoundary.apply(x, dtype, FP16_GRAD_SCALE)
-    return x.to(dtype)
+    @property
+    def latent_hw(self) -> Resolution | None:
+        """The latent size of the current call (``None`` outside a model call)."""
+        return self.call.latent
 
 
 _ACCEPTED: dict[type, frozenset[str]] = {}
+_OPTIONAL = ("encoder_hidden_states", "attention_mask", "temb", "ip_hidden_states")
 
 
 def _accepted_kwargs(processor: Any) -> frozenset[str]:
@@ -128,7 +97,7 @@ def _accepted_kwargs(processor: Any) -> frozenset[str]:
     cached = _ACCEPTED.get(cls)
     if cached is None or "__call__" in getattr(processor, "__dict__", {}):
         params = inspect.signature(processor.__call__).parameters
-        names = {k for k in ("encoder_hidden_states", "attention_mask", "temb") if k in params}
+        names = {k for k in _OPTIONAL if k in params}
         if any(p.kind == p.VAR_KEYWORD for p in params.values()):
             names.add("*")
         cached = frozenset(names)
@@ -142,11 +111,14 @@ class ControlledAttnProcessor(AttnProcessor2_0):
 
     Args:
         controller: the :class:`~attnpatch.AttentionControl` to consult.
-        name: the attention module's path in the UNet (becomes ``AttnSite.name``).
+        name: the attention module's path in the model (becomes ``AttnSite.name``).
         original: the processor it replaces; runs every call the controller does not need.
             A ``ControlledAttnProcessor`` of an enclosing hijack is chained: its controller
             still sees (and edits first) the layers it needs.
         state: the :class:`HijackState` shared by the processors of one hijack.
+        family: the model family whose rules apply (default: the state's; without a state, the
+            family that reproduces ``original``, else the UNet family).
+        place: ``(place, block)`` of the layer (default: from ``name`` by the family's rules).
     """
 
     def __init__(
@@ -156,85 +128,117 @@ class ControlledAttnProcessor(AttnProcessor2_0):
         name: str,
         original: Any = None,
         state: HijackState | None = None,
+        family: Family | None = None,
+        place: tuple[str, int] | None = None,
     ):
-        super().__init__()
         if not isinstance(controller, AttentionControl):
-            raise AttnPatchError(
+            raise HookError(
                 f"controller must be an attnpatch.AttentionControl, got {type(controller).__name__}"
             )
         self.controller = controller
         self.name = name
-        self.original = original if original is not None else AttnProcessor2_0()
-        self.state = state if state is not None else HijackState(controller)
-        self.place, self.block = parse_place(name)
-        self._sites: dict[tuple[Any, ...], AttnSite] = {}
+        self.original = original if original is not None else self._default_original()
+        if family is None:
+            family = state.family if state is not None else _family_of_processor(self.original)
+        self.family = family
+        self.state = state if state is not None else HijackState(controller, family)
+        self.place, self.block = place if place is not None else family.place(name)
+        self._layouts: dict[tuple[Any, ...], tuple[tuple[AttnSite, ...], tuple[Any, ...]]] = {}
         self._original_takes = _accepted_kwargs(self.original)
 
     # -- sites ------------------------------------------------------------------------------
+    def sites(
+        self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any = None
+    ) -> tuple[AttnSite, ...]:
+        """The :class:`AttnSite`\\ s of this call: one for a self- or cross-attention layer,
+        five for a joint one (``"full"``, ``"cross"``, ``"self"``, ``"text_cross"``,
+        ``"text_self"``); cached per input geometry and model call."""
+        return self._layout(attn, hidden_states, encoder_hidden_states)[0]
+
     def site(
-        self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: Any = None
+        self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any = None
     ) -> AttnSite:
-        """The :class:`AttnSite` of this call (cached per input geometry)."""
-        if hidden_states.ndim == 4:
-            query_len = hidden_states.shape[2] * hidden_states.shape[3]
-        else:
-            query_len = hidden_states.shape[1]
+        """The call's first site (a UNet layer's only one; a joint layer's ``"full"``)."""
+        return self.sites(attn, hidden_states, encoder_hidden_states)[0]
+
+    def _layout(
+        self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: Any
+    ) -> tuple[tuple[AttnSite, ...], tuple[Any, ...]]:
         ehs = encoder_hidden_states
         if isinstance(ehs, (tuple, list)):
             ehs = ehs[0]
-        is_cross = ehs is not None
-        key_len = ehs.shape[1] if is_cross else query_len
-        latent_hw = self.state.latent_hw
-        cache_key = (query_len, key_len, latent_hw, is_cross)  # one processor per layer
-        site = self._sites.get(cache_key)
-        if site is None:
-            if hidden_states.ndim == 4:
-                resolution = (hidden_states.shape[2], hidden_states.shape[3])
-            else:
-                try:
-                    resolution = infer_resolution(query_len, latent_hw)
-                except AttnPatchError:  # outside hijack, non-square: layout unknown
-                    resolution = None
+        call = self.state.call
+        key = (hidden_states.shape, None if ehs is None else ehs.shape[1], call)
+        found = self._layouts.get(key)
+        if found is None:
+            layout = self.family.layout(self.name, hidden_states, encoder_hidden_states, call)
+            found = self._sites_of(layout, attn.heads)
+            self._layouts[key] = found
+        return found
+
+    def _sites_of(
+        self, layout: TokenLayout, heads: int
+    ) -> tuple[tuple[AttnSite, ...], tuple[Any, ...]]:
+        common = dict(name=self.name, place=self.place, block=self.block, heads=heads)
+        n = layout.image[1] - layout.image[0]
+        if layout.kind != "joint":
+            cross = layout.kind == "cross"
+            keys = layout.text[1] - layout.text[0] if cross and layout.text else n
             site = AttnSite(
-                name=self.name,
-                place=self.place,
-                block=self.block,
-                is_cross=is_cross,
-                heads=attn.heads,
-                query_len=query_len,
-                key_len=key_len,
-                resolution=resolution,
+                is_cross=cross, query_len=n, key_len=keys, resolution=layout.resolution, **common
             )
-            self._sites[cache_key] = site
-        return site
+            return (site,), (None,)
+        if layout.text is None:
+            raise HookError(f"{self.name}: a joint layout needs the text tokens' positions")
+        tokens = JointTokens(layout.image, layout.text)
+        spans = {"image": layout.image, "text": layout.text, "all": (0, tokens.length)}
+        sites, slices = [], []
+        for part, (q, k) in _PARTS.items():
+            (q0, q1), (k0, k1) = spans[q], spans[k]
+            sites.append(
+                AttnSite(
+                    is_cross=part == "cross",
+                    query_len=q1 - q0,
+                    key_len=k1 - k0,
+                    resolution=layout.resolution,
+                    part=part,
+                    joint=tokens,
+                    **common,
+                )
+            )
+            slices.append(None if part == "full" else (slice(q0, q1), slice(k0, k1)))
+        return tuple(sites), tuple(slices)
 
     # -- the call ---------------------------------------------------------------------------
     def __call__(
         self,
-        attn: Attention,
+        attn: nn.Module,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
         *args: Any,
+        ip_hidden_states: Any = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        site = self.site(attn, hidden_states, encoder_hidden_states)
-        if not self.controller.needs(site):
-            return self._run_original(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, args, kwargs
-            )
+    ) -> Any:
+        layout = self._layout(attn, hidden_states, encoder_hidden_states)
+        sites, needs = layout[0], self.controller.needs
+        if not (needs(sites[0]) if len(sites) == 1 else any(needs(s) for s in sites)):
+            passed = {
+                "encoder_hidden_states": encoder_hidden_states,
+                "attention_mask": attention_mask,
+            }
+            if temb is not None:
+                passed["temb"] = temb
+            if ip_hidden_states is not None:
+                passed["ip_hidden_states"] = ip_hidden_states
+            if "*" not in self._original_takes:
+                passed = {k: v for k, v in passed.items() if k in self._original_takes}
+            return self.original(attn, hidden_states, *args, **passed, **kwargs)
+        extra = {"temb": temb}
         return self._run_controlled(
-            attn, hidden_states, encoder_hidden_states, attention_mask, temb, site
+            attn, hidden_states, encoder_hidden_states, attention_mask, extra, layout
         )
-
-    def _run_original(self, attn, hidden_states, encoder_hidden_states, mask, temb, args, kwargs):
-        passed = {"encoder_hidden_states": encoder_hidden_states, "attention_mask": mask}
-        if temb is not None:
-            passed["temb"] = temb
-        if "*" not in self._original_takes:
-            passed = {k: v for k, v in passed.items() if k in self._original_takes}
-        return self.original(attn, hidden_states, *args, **passed, **kwargs)
 
     def _edit(self, probs: torch.Tensor, site: AttnSite) -> torch.Tensor:
         """Enclosing hijacks' controllers first, then this one."""
@@ -243,19 +247,36 @@ class ControlledAttnProcessor(AttnProcessor2_0):
             probs = outer._edit(probs, site)
         if self.controller.needs(site):
             given = probs
-            probs = self.controller(given, site)
+            with own_saved_tensors():
+                probs = self.controller(given, site)
             if not isinstance(probs, torch.Tensor) or probs.shape != given.shape:
                 got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs)
-                raise AttnPatchError(
+                raise HookError(
                     f"{type(self.controller).__name__} returned {got} at {site.name}; a controller "
                     f"must return probabilities of the shape it received {tuple(given.shape)}"
                 )
             # an edit (not the tensor it was given) is checked once: NaN would spread silently
             if probs is not given and not bool(torch.isfinite(probs.detach()).all()):
-                raise AttnPatchError(
+                raise HookError(
                     f"{type(self.controller).__name__} returned NaN or Inf probabilities at "
                     f"{site.name}; check its edit (e.g. a division by a zero sum)"
                 )
+        return probs
+
+    def _edit_blocks(
+        self, probs: torch.Tensor, sites: tuple[AttnSite, ...], slices: tuple[Any, ...]
+    ) -> torch.Tensor:
+        """Each site's block of ``probs`` to the controllers; edited blocks written back (out
+        of place: the tensor controllers were given is never changed)."""
+        for site, where in zip(sites, slices):
+            if where is None:
+                probs = self._edit(probs, site)
+                continue
+            block = probs[:, :, where[0], where[1]]
+            edited = self._edit(block, site)
+            if edited is not block:
+                probs = probs.clone()
+                probs[:, :, where[0], where[1]] = edited
         return probs
 
     def _base_processor(self) -> Any:
@@ -266,78 +287,30 @@ class ControlledAttnProcessor(AttnProcessor2_0):
 
     def _run_controlled(
         self,
-        attn: Attention,
+        attn: nn.Module,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None,
+        encoder_hidden_states: Any,
         attention_mask: torch.Tensor | None,
-        temb: torch.Tensor | None,
-        site: AttnSite,
-    ) -> torch.Tensor:
+        extra: dict[str, Any],
+        layout: tuple[tuple[AttnSite, ...], tuple[Any, ...]],
+    ) -> Any:
         base = self._base_processor()
-        if not isinstance(base, _REPRODUCIBLE):
-            raise AttnPatchError(
-                f"layer {self.name} runs {type(base).__name__}, whose computation attnpatch cannot "
-                "reproduce while reading its attention; restore a standard processor "
-                "(unet.set_attn_processor(AttnProcessor2_0())) or exclude this layer in "
-                "your controller's needs()"
+        if not self.family.reproduces(base):
+            refuse_unreproducible(self.family, self.name, base)
+        try:
+            proj = self.family.project(
+                attn, hidden_states, encoder_hidden_states, attention_mask, extra
             )
-        if isinstance(encoder_hidden_states, (tuple, list)):
-            raise AttnPatchError(
-                f"layer {self.name} received a tuple of encoder_hidden_states (an IP-Adapter's "
-                "image embeddings); attnpatch cannot read that attention correctly. Unload the "
-                "IP-Adapter, or exclude its cross-attention layers in your controller's needs()"
-            )
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch, seq_len, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
+        except HookError as e:
+            raise HookError(f"layer {self.name}: {e}") from None
         # (B, heads, L, S); fp32 under half precision: what the controller reads (and the
         # losses on it) keeps fp32 precision, the product with V runs in V's dtype
-        half = query.dtype in (torch.float16, torch.bfloat16)
-        probs = attention_probs(
-            attn, query, key, attention_mask, dtype=torch.float32 if half else None
-        )
-        probs = self._edit(probs, site)
-        hidden_states = torch.matmul(half_cast(probs, value.dtype), value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        probs = self._edit_blocks(projection_probs(proj), *layout)
+        out = torch.matmul(half_cast(probs, proj.value.dtype), proj.value)
+        return proj.finish(out)
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    #: the processor a layer of this call convention runs by default
+    _default_original: Any = AttnProcessor2_0
 
     #: :func:`half_cast`, the gradient-scaled cast at float16 boundaries (the DDIM loop uses
     #: it at the UNet's inputs and output, so one rule holds on both sides)
@@ -345,6 +318,51 @@ class ControlledAttnProcessor(AttnProcessor2_0):
 
     def __repr__(self) -> str:
         return (
-            f"ControlledAttnProcessor(name={self.name!r}, controller={type(self.controller).__name__}, "
-            f"original={type(self.original).__name__})"
+            f"{type(self).__name__}(name={self.name!r}, controller="
+            f"{type(self.controller).__name__}, original={type(self.original).__name__})"
         )
+
+
+class ControlledRotaryProcessor(ControlledAttnProcessor):
+    """:class:`ControlledAttnProcessor` for attention modules that call their processor as
+    ``FluxAttention`` does: ``processor(attn, hidden_states, encoder_hidden_states,
+    attention_mask, image_rotary_emb, **kwargs)``, positionally."""
+
+    _default_original = FluxAttnProcessor
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        ip_hidden_states: Any = None,
+        ip_adapter_masks: Any = None,
+    ) -> Any:
+        layout = self._layout(attn, hidden_states, encoder_hidden_states)
+        needs = self.controller.needs
+        if not any(needs(site) for site in layout[0]):
+            kwargs = {}
+            if ip_hidden_states is not None:
+                kwargs["ip_hidden_states"] = ip_hidden_states
+            if ip_adapter_masks is not None:
+                kwargs["ip_adapter_masks"] = ip_adapter_masks
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                image_rotary_emb,
+                **kwargs,
+            )
+        extra = {"image_rotary_emb": image_rotary_emb}
+        return self._run_controlled(
+            attn, hidden_states, encoder_hidden_states, attention_mask, extra, layout
+        )
+
+
+def _family_of_processor(original: Any) -> Family:
+    if isinstance(original, ControlledAttnProcessor):
+        return original.family
+    return family_for_processor(original) or get_family("unet")

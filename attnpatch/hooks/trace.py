@@ -1,9 +1,12 @@
-"""Trace a UNet's attention sites: where each layer runs, its kind, heads and map shape.
+"""Trace a model's attention sites: where each layer runs, its kind, heads and map shape.
 
 :func:`trace_attention` runs one forward pass under :func:`~attnpatch.hijack` with a
-controller that records every site and observes nothing. On the ``meta`` device (see
-:func:`attnpatch.testing.reference_unet`) it costs no memory, so SD1.5/SD2.1/SDXL tables are
-produced without weights (docs/attention-sites.md). :func:`pick_cross_resolution` and
+controller that records every site and observes nothing; the model family builds the call's
+inputs (:meth:`~attnpatch.families.Family.example_call`). On the ``meta`` device (see
+:func:`attnpatch.testing.reference_unet`) it costs no memory, so SD1.5/SD2.1/SDXL, SD3 and Flux
+tables are produced without weights (docs/attention-sites.md). A joint attention layer is
+listed with its ``"full"`` matrix and the ``"cross"`` and ``"self"`` blocks a store records
+(its text rows, ``"text_cross"`` and ``"text_self"``, follow from those). :func:`pick_cross_resolution` and
 :func:`pick_self_resolutions` choose, from a trace, the map sizes attention losses read.
 """
 
@@ -15,7 +18,8 @@ import torch
 from torch import nn
 
 from .._util import as_pair
-from ..errors import AttnPatchError
+from ..errors import AttnPatchError, InputError
+from ..families import family_of
 from .controllers import AttentionControl
 from .hijack import hijack
 from .site import AttnSite, Resolution
@@ -34,7 +38,8 @@ class _Tracer(AttentionControl):
         self.sites: list[AttnSite] = []
 
     def needs(self, site: AttnSite) -> bool:
-        self.sites.append(site)
+        if site.kind in ("cross", "self", "full"):
+            self.sites.append(site)
         return False
 
 
@@ -45,37 +50,29 @@ def trace_attention(
     batch_size: int = 1,
     text_len: int = 77,
 ) -> list[AttnSite]:
-    """Every attention site of one UNet call, in execution order (down, mid, up).
+    """Every attention site of one model call, in execution order (a UNet: down, mid, up).
 
     Args:
-        unet: a ``UNet2DConditionModel`` (on any device, ``meta`` included).
-        sample_size: latent ``(h, w)`` or one int; default ``unet.config.sample_size``. The image
-            size is this times the VAE factor (8 for SD: 64 -> 512 px).
+        unet: the denoising model: a ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or
+            ``FluxTransformer2DModel`` (on any device, ``meta`` included).
+        sample_size: latent ``(h, w)`` or one int, in the VAE's layout (Flux: before its 2x2
+            packing); default: the family's (a UNet's or SD3's ``config.sample_size``, 128
+            for Flux). The image size is this times the VAE factor (8 for SD: 64 -> 512 px).
         batch_size: batch of the dummy call.
-        text_len: text tokens (keys of cross-attention).
+        text_len: text tokens (keys of cross-attention; SD3: 77 CLIP + T5 tokens).
 
     Returns:
-        One :class:`~attnpatch.AttnSite` per attention layer call.
+        One :class:`~attnpatch.AttnSite` per attention layer call (joint layers: its
+        ``"full"``, ``"cross"`` and ``"self"`` sites).
     """
-    config = unet.config
-    if sample_size is None:
-        sample_size = config.sample_size
-    h, w = as_pair(sample_size, "sample_size")
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    sample = torch.zeros(batch_size, config.in_channels, h, w, device=device, dtype=dtype)
-    text = torch.zeros(batch_size, text_len, config.cross_attention_dim, device=device, dtype=dtype)
-    kwargs = {}
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.zeros(batch_size, pooled, device=device, dtype=dtype),
-            "time_ids": torch.zeros(batch_size, 6, device=device, dtype=dtype),
-        }
+    family = family_of(unet)
+    latent = family.default_latent(unet) if sample_size is None else sample_size
+    call = family.example_call(
+        unet, as_pair(latent, "sample_size"), batch=batch_size, text_len=text_len
+    )
     tracer = _Tracer()
-    timestep = torch.tensor(1, device=device)
     with torch.no_grad(), hijack(unet, tracer):
-        unet(sample, timestep, text, **kwargs)
+        call()
     return tracer.sites
 
 
@@ -108,19 +105,23 @@ def format_sites(sites: list[AttnSite], *, markdown: bool = True) -> str:
 
 
 def summarize_sites(sites: list[AttnSite]) -> str:
-    """One line per (place, kind, resolution): how many layers, heads and the map shape."""
-    groups: dict[tuple[str, str, tuple[int, int] | None, int, int], int] = {}
+    """One line per (place, kind, resolution): how many layers, heads and the map shape a store
+    keeps (``"full"`` rows of joint layers: the whole ``(query, key)`` matrix)."""
+    groups: dict[tuple[str, str, tuple[int, int] | None, int, int], list[AttnSite]] = {}
     for s in sites:
         key = (s.place, s.kind, s.resolution, s.heads, s.key_len)
-        groups[key] = groups.get(key, 0) + 1
+        groups.setdefault(key, []).append(s)
     lines = [
         "| place | kind | (h, w) | layers | heads | stored map (B, h, w, key) |",
         "|---|---|---|---|---|---|",
     ]
-    for (place, kind, res, heads, key), n in groups.items():
+    for (place, kind, res, heads, _), members in groups.items():
         hw = f"{res[0]}x{res[1]}" if res else "?"
-        shape = f"(B, {res[0]}, {res[1]}, {key})" if res else "?"
-        lines.append(f"| {place} | {kind} | {hw} | {n} | {heads} | {shape} |")
+        try:
+            shape = "(B, " + ", ".join(map(str, members[0].map_shape)) + ")"
+        except AttnPatchError:  # layout unknown
+            shape = "?"
+        lines.append(f"| {place} | {kind} | {hw} | {len(members)} | {heads} | {shape} |")
     return "\n".join(lines)
 
 
@@ -128,24 +129,30 @@ def _resolutions(sites: Sequence[AttnSite], kind: str, places: set[str]) -> set[
     return {s.resolution for s in sites if s.kind == kind and s.place in places}
 
 
+#: every place but "other" (layers outside a family's known blocks)
+def _known(sites: Sequence[AttnSite]) -> set[str]:
+    return {s.place for s in sites} - {"other"}
+
+
 def pick_cross_resolution(
     sites: Sequence[AttnSite], wanted: int | Resolution | None = None
 ) -> Resolution:
     """The cross-attention map size for losses: ``wanted`` if the trace has it, else (``None``
     or 0) the smallest size at which both down and up blocks attend — 16x16 for SD1.5 at
-    512 px, as prompt-to-prompt uses; 7x7 for SD2 at 224 px, as DiffAttack uses.
+    512 px, as prompt-to-prompt uses; 7x7 for SD2 at 224 px, as DiffAttack uses; a DiT's
+    token grid (all its layers work at one size).
 
     >>> from attnpatch.testing import tiny_unet
     >>> pick_cross_resolution(trace_attention(tiny_unet(), 32))
     (16, 16)
     """
-    available = _resolutions(sites, "cross", {"down", "mid", "up"})
+    available = _resolutions(sites, "cross", _known(sites))
     if not available:
-        raise AttnPatchError("this UNet has no cross-attention layers; attention losses need them")
+        raise InputError("this model has no cross-attention layers; attention losses need them")
     if wanted is not None and wanted != 0:
         res = as_pair(wanted, "cross resolution")
         if res not in available:
-            raise AttnPatchError(
+            raise InputError(
                 f"no cross-attention at resolution {res} for this image size; available: "
                 f"{sorted(available)} (set attention.cross_resolution to one of them, or 0)"
             )
@@ -159,15 +166,13 @@ def pick_self_resolutions(
 ) -> list[Resolution]:
     """The self-attention map sizes to store: ``wanted`` if the trace has them all, else
     (``None`` or empty) the two smallest (self-attention maps grow as ``(h*w)**2``)."""
-    available = sorted(
-        _resolutions(sites, "self", {"down", "mid", "up"}), key=lambda r: r[0] * r[1]
-    )
+    available = sorted(_resolutions(sites, "self", _known(sites)), key=lambda r: r[0] * r[1])
     if not wanted:
         return available[:2]
     chosen = [as_pair(r, "self resolution") for r in wanted]
     missing = [r for r in chosen if r not in available]
     if missing:
-        raise AttnPatchError(
+        raise InputError(
             f"no self-attention at {missing} for this image size; available: {available}"
         )
     return chosen

@@ -123,3 +123,13 @@ def test_checks_before_any_work(deep):
     with pytest.raises(ap.AttnPatchError, match=r"\[-1, 1\] diffusion input"):
         pipe(_images() * 2 - 1, PROMPTS)
     assert isinstance(deep, DiffusionParts)
+
+
+def test_cross_maps_without_a_resolution_is_a_typed_error(deep):
+    """Issue 22: ``result.cross_maps(None)`` raised torch's stack error."""
+    pipe = ap.AttentionPipeline(deep, num_inference_steps=N, num_steps=1, image_size=32)
+    with torch.no_grad():
+        result = pipe(_images(1), PROMPTS[:1])
+    with pytest.raises(ap.errors.InputError, match="needs a resolution"):
+        result.cross_maps(None)
+    assert result.cross_maps(pipe.cross_resolution).shape[-1] == 77

@@ -48,3 +48,26 @@ def test_checkpoint_recomputes_with_forward_time_processors(sd15):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(g, gref)
     assert not ap.hooks.is_hijacked(unet)  # the recompute put the restored processors back
+
+
+def test_recompute_after_the_block_sees_the_calls_latent_size(sd15):
+    """A non-square latent, an editor that needs one (non-square) resolution, the model call
+    checkpointed and backward after the hijack exited: the recompute must see the latent size
+    of the call it recomputes (the snapshot is taken before the call, when the hijack's
+    pre-hook has not run yet), or the editor is skipped and the gradients differ."""
+    unet = sd15.unet
+    x = torch.randn(1, 4, 32, 24, requires_grad=True)
+    e = torch.randn(1, 77, 8)
+    edit = ap.ReweightCrossAttention([1, 2], 0.0, resolutions=[(16, 12)])
+
+    def call(a):
+        return unet(a, 10, e).sample
+
+    with ap.hijack(unet, edit):
+        ref = call(x)
+    (gref,) = torch.autograd.grad(ref.square().sum(), x)
+    with ap.hijack(unet, edit):
+        out = checkpoint(call, x, module=unet)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(g, gref)

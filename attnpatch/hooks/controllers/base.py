@@ -13,9 +13,11 @@ The I/O contract (docs/attention-control.md has the full text):
 * ``cur_step`` is the index of the current UNet call since ``reset()``; ``hijack`` advances it after
   each UNet forward by calling ``step_end()``.
 * ``recomputing`` is True while activation checkpointing re-runs a forward pass during backward;
-  ``cur_step`` then holds the step of the forward being recomputed. Observers must not record in
-  that state; editors must edit exactly as in the forward pass (they do, if edits depend only on
-  ``probs``, ``site`` and ``cur_step``).
+  ``cur_step`` then holds the step of the forward being recomputed. Observers should not record
+  in that state (they would record twice); editors must edit exactly as in the forward pass
+  (they do, if edits depend only on ``probs``, ``site`` and ``cur_step``). Whatever maths an
+  observer records with (``mean``, ``amax``, ``square``, ...) is checkpoint-safe: the processor
+  calls controllers outside the checkpoint's saved-tensor bookkeeping.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from ...errors import AttnPatchError
+from ...errors import InputError
 from ..site import AttnSite
 
 __all__ = ["AttentionControl", "ComposeControl"]
@@ -101,7 +103,7 @@ class ComposeControl(AttentionControl):
                 flat.extend(c)
         for c in flat:
             if not isinstance(c, AttentionControl):
-                raise AttnPatchError(
+                raise InputError(
                     f"ComposeControl takes AttentionControl objects, got {type(c).__name__}"
                 )
         self.controllers: tuple[AttentionControl, ...] = tuple(flat)

@@ -7,22 +7,25 @@ from collections.abc import Container, Iterable
 import torch
 from einops import rearrange
 
-from ...errors import AttnPatchError
+from ...errors import HookError, InputError
+from ...families import all_places
 from ..site import AttnSite, Resolution, as_resolution
 from .base import AttentionControl
 
 __all__ = ["AttentionStore"]
 
 _KINDS = ("cross", "self")
-_PLACES = ("down", "mid", "up")
 
 
 class AttentionStore(AttentionControl):
     """Records head-averaged attention maps of the layers it is asked to watch.
 
     Args:
-        kinds: which attention to record: ``"cross"`` and/or ``"self"``.
-        places: which UNet blocks: ``"down"``, ``"mid"``, ``"up"``.
+        kinds: which attention to record: ``"cross"`` (image queries attending text: a UNet's
+            ``attn2``, the image-to-text block of joint attention) and/or ``"self"`` (image
+            to image).
+        places: which blocks: ``"down"``, ``"mid"``, ``"up"`` (UNet), ``"joint"``, ``"single"``
+            (SD3 / Flux); default: all.
         resolutions: spatial sizes to record (ints for square maps, ``(h, w)`` pairs); ``None``
             records every size. Self-attention at high resolution is large (``(B, h*w, h*w)`` per
             layer): restrict it.
@@ -32,7 +35,12 @@ class AttentionStore(AttentionControl):
             sum over steps is kept.
 
     Maps are averaged over heads when recorded and summed over steps out of place, so they
-    carry gradients back to the UNet's inputs. Nothing is recorded while ``recomputing``.
+    carry gradients back to the model's inputs. Nothing is recorded while ``recomputing``.
+
+    On a joint attention layer (SD3, Flux) the store records blocks of one softmax over image
+    and text keys: a ``"cross"`` row sums to the share of attention the image token pays to the
+    text (below 1), a ``"self"`` row to the rest; a UNet's rows sum to 1 per kind. All layers
+    of a DiT work at one token grid, so ``aggregate("cross", grid)`` averages every layer.
 
     Getters return cross maps as ``(B, h, w, key)`` (``key`` = text tokens) and self maps as
     ``(B, h, w, h*w)``; ``B`` is the UNet's batch (with classifier-free guidance, ``[uncond;
@@ -44,14 +52,16 @@ class AttentionStore(AttentionControl):
     def __init__(
         self,
         kinds: Iterable[str] = _KINDS,
-        places: Iterable[str] = _PLACES,
+        places: Iterable[str] | None = None,
         resolutions: Iterable[int | Resolution] | None = None,
         *,
         steps: Container[int] | None = None,
         per_step: bool = False,
     ):
         self.kinds = _check_choice("kinds", kinds, _KINDS)
-        self.places = _check_choice("places", places, _PLACES)
+        self.places = _check_choice(
+            "places", all_places() if places is None else places, all_places()
+        )
         self.resolutions = (
             None if resolutions is None else frozenset(as_resolution(r) for r in resolutions)
         )
@@ -75,19 +85,21 @@ class AttentionStore(AttentionControl):
 
     def reset(self) -> None:
         super().reset()
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
-        self._sites: dict[str, AttnSite] = {}
-        self._per_step: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        # keyed by (layer name, kind): a joint layer records its "cross" and "self" blocks
+        self._sums: dict[tuple[str, str], torch.Tensor] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+        self._sites: dict[tuple[str, str], AttnSite] = {}
+        self._per_step: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
         self._recorded_steps: set[int] = set()
 
     def _record(self, maps: torch.Tensor, site: AttnSite) -> None:
-        name = site.name
+        name = (site.name, site.kind)
         previous = self._sites.get(name)
         if previous is not None and previous.map_shape != site.map_shape:
-            raise AttnPatchError(
-                f"layer {name} produced maps of shape {site.map_shape} after {previous.map_shape} "
-                "in the same run; call store.reset() between inputs of different sizes"
+            raise HookError(
+                f"layer {site.name} produced {site.kind} maps of shape {site.map_shape} after "
+                f"{previous.map_shape} in the same run; call store.reset() between inputs of "
+                "different sizes"
             )
         self._sites[name] = site
         # Out of place: the sum keeps the graph of every step.
@@ -100,18 +112,18 @@ class AttentionStore(AttentionControl):
     # -- getters ------------------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
-        """How many distinct UNet calls recorded something."""
+        """How many distinct model calls recorded something."""
         return len(self._recorded_steps)
 
     def sites(
         self,
         kind: str | None = None,
         resolution: int | Resolution | None = None,
-        places: Iterable[str] = _PLACES,
+        places: Iterable[str] | None = None,
     ) -> list[AttnSite]:
         """The recorded sites matching the filters, in first-recorded (execution) order."""
         res = None if resolution is None else as_resolution(resolution)
-        places = set(places)
+        places = set(all_places() if places is None else places)
         return [
             s
             for s in self._sites.values()
@@ -124,12 +136,12 @@ class AttentionStore(AttentionControl):
         self,
         kind: str,
         resolution: int | Resolution | None = None,
-        places: Iterable[str] = _PLACES,
+        places: Iterable[str] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per layer, the step-average of its head-averaged maps: ``{name: (B, h, w, key)}``."""
         _check_kind(kind)
         return {
-            s.name: self._spatial(self._sums[s.name] / self._counts[s.name], s)
+            s.name: self._spatial(self._sums[s.name, kind] / self._counts[s.name, kind], s)
             for s in self._matching(kind, resolution, places)
         }
 
@@ -137,7 +149,7 @@ class AttentionStore(AttentionControl):
         self,
         kind: str,
         resolution: int | Resolution,
-        places: Iterable[str] = _PLACES,
+        places: Iterable[str] | None = None,
     ) -> torch.Tensor:
         """Average over heads, matching layers and stored steps at one resolution.
 
@@ -145,6 +157,7 @@ class AttentionStore(AttentionControl):
         self-attention). Raises if nothing matching was recorded, listing what was.
         """
         _check_kind(kind)
+        self._check_one_resolution("aggregate", kind, resolution)
         layers = list(self.maps(kind, resolution, places).values())
         return torch.stack(layers).mean(dim=0) if len(layers) > 1 else layers[0]
 
@@ -152,36 +165,46 @@ class AttentionStore(AttentionControl):
         self,
         kind: str,
         resolution: int | Resolution,
-        places: Iterable[str] = _PLACES,
+        places: Iterable[str] | None = None,
     ) -> dict[int, torch.Tensor]:
         """Per step, the layer-average at one resolution: ``{step: (B, h, w, key)}``.
 
         Needs ``per_step=True``.
         """
         _check_kind(kind)
+        self._check_one_resolution("step_maps", kind, resolution)
         if not self.per_step:
-            raise AttnPatchError(
-                "step_maps() needs per-step maps; create the store with per_step=True"
-            )
+            raise HookError("step_maps() needs per-step maps; create the store with per_step=True")
         by_step: dict[int, list[torch.Tensor]] = {}
         for s in self._matching(kind, resolution, places):
-            for step, m in self._per_step[s.name]:
+            for step, m in self._per_step[s.name, kind]:
                 by_step.setdefault(step, []).append(self._spatial(m, s))
         return {step: torch.stack(ms).mean(dim=0) for step, ms in sorted(by_step.items())}
 
     def _matching(
         self, kind: str, resolution: int | Resolution | None, places: Iterable[str]
     ) -> list[AttnSite]:
-        places = tuple(places)
         found = self.sites(kind, resolution, places)
+        places = all_places() if places is None else tuple(places)
         if not found:
             recorded = sorted({(s.kind, s.place, s.resolution) for s in self._sites.values()})
-            raise AttnPatchError(
+            raise HookError(
                 f"no {kind}-attention maps at resolution {resolution} in {places} were recorded "
                 f"(recorded: {recorded or 'nothing'}); check the store's kinds/places/resolutions "
-                "filters and that the UNet ran under hijack(unet, store)"
+                "filters and that the model ran under hijack(model, store)"
             )
         return found
+
+    def _check_one_resolution(self, what: str, kind: str, resolution: object) -> None:
+        """Averaging maps needs one size: ``None`` (or anything but an int or a pair) is refused
+        with the sizes that were recorded."""
+        if resolution is None:
+            recorded = sorted({s.resolution for s in self._sites.values() if s.kind == kind})
+            raise InputError(
+                f"{what}({kind!r}, None): maps are averaged at one resolution; pass one of the "
+                f"recorded {kind}-attention sizes {recorded or '(none recorded yet)'}, e.g. "
+                f"store.{what}({kind!r}, {recorded[0] if recorded else '16'})"
+            )
 
     @staticmethod
     def _spatial(maps: torch.Tensor, site: AttnSite) -> torch.Tensor:
@@ -195,16 +218,17 @@ class AttentionStore(AttentionControl):
         )
 
 
-def _check_choice(what: str, values: Iterable[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+def _check_choice(what: str, values: Iterable[str], allowed: Iterable[str]) -> tuple[str, ...]:
     if isinstance(values, str):
         values = (values,)
     values = tuple(values)
+    allowed = tuple(allowed)
     bad = [v for v in values if v not in allowed]
     if bad or not values:
-        raise AttnPatchError(f"{what} must be a non-empty subset of {allowed}, got {values}")
+        raise InputError(f"{what} must be a non-empty subset of {allowed}, got {values}")
     return values
 
 
 def _check_kind(kind: str) -> None:
     if kind not in _KINDS:
-        raise AttnPatchError(f"kind must be 'cross' or 'self', got {kind!r}")
+        raise InputError(f"kind must be 'cross' or 'self', got {kind!r}")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnpatch as ap
+from attnpatch.errors import InputError
 from attnpatch.testing import tiny_unet
 
 
@@ -128,3 +129,13 @@ def test_bad_filters_are_refused():
         ap.AttentionStore(resolutions=["16"])
     with pytest.raises(ap.AttnPatchError, match="kind"):
         ap.AttentionStore().aggregate("both", 16)
+
+
+def test_aggregate_without_a_resolution_is_a_typed_error(deep_unet):
+    """Issue 22: ``aggregate("cross", None)`` raised torch's stack error (two sizes recorded)."""
+    store = run(deep_unet, ap.AttentionStore(per_step=True), steps=(5,))
+    for call in (store.aggregate, store.step_maps):
+        with pytest.raises(InputError, match=r"one resolution.*\(8, 8\), \(16, 16\)"):
+            call("cross", None)
+    with pytest.raises(InputError, match="none recorded yet"):
+        ap.AttentionStore().aggregate("self", None)
