@@ -21,8 +21,8 @@ import copy
 import torch
 
 from attnpatch.diffusion import encode_prompt, flow_denoise, flow_invert
-from attnpatch.diffusion._dit_call import pack
 from attnpatch.diffusion._flow_conditioning import _config_json, _private_schedule
+from attnpatch.families import pack_latents as pack
 from attnpatch.testing import tiny_flux, tiny_sd3
 
 try:

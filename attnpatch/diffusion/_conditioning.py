@@ -24,8 +24,8 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from torch import nn
 
 from ..errors import AttnPatchError, InputError, ModelError
+from ..families import family_of
 from ..hooks import ControlledAttnProcessor
-from ._dit_call import DIT_CLASSES
 
 __all__ = ["Conditioning", "ddim_schedule", "prepare"]
 
@@ -342,7 +342,7 @@ def prepare(
     added_cond_kwargs: Mapping[str, Any] | None,
 ) -> Conditioning:
     """Check the arguments of a DDIM loop and assemble the UNet's conditioning once."""
-    if any(c.__name__ in DIT_CLASSES for c in type(unet).__mro__):
+    if isinstance(unet, nn.Module) and family_of(unet).scheduler == "flow":
         raise ModelError(
             f"{fn} runs UNets; {type(unet).__name__} is a flow-matching transformer: use "
             f"{fn.replace('ddim', 'flow')}(parts.transformer, parts.scheduler, latents, embeds, "

@@ -22,8 +22,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import InputError
+from ..errors import InputError, ModelError
+from ..families import family_of
 from ._conditioning import _cast, _check_int, _halves, _jsonable, _rows, _shape, unet_dtype
+
+
+def flow_family(model: Any) -> str:
+    """The flow-matching family of a transformer (``"sd3"``, ``"flux"``, or a registered one
+    whose ``scheduler`` is ``"flow"``); :class:`~attnpatch.errors.ModelError` for anything else
+    (a UNet runs with ``ddim_invert`` / ``ddim_denoise``)."""
+    try:
+        family = family_of(model, strict=True) if isinstance(model, nn.Module) else None
+    except ModelError:
+        family = None
+    if family is None or family.scheduler != "flow":
+        raise ModelError(
+            f"the flow loops run SD3Transformer2DModel or FluxTransformer2DModel, got "
+            f"{type(model).__name__}; pass parts.transformer (a UNet runs with ddim_invert / "
+            "ddim_denoise)"
+        )
+    return family.name
+
 
 __all__ = ["FlowConditioning", "flow_schedule", "prepare_flow", "latent_channels"]
 

@@ -21,7 +21,7 @@ pipeline sets it up (SD3: ``set_timesteps(N)`` with the config's shift; Flux: li
 The Euler step is computed here from the private schedule's sigmas, differentiably (diffusers'
 ``step`` keeps a ``step_index``, so two calls at one timestep differ): the user's scheduler is
 never mutated, only its config is read. The transformer is called through
-:func:`attnpatch.diffusion._dit_call.predict` (latents in the VAE's ``(B, C, h, w)`` layout for
+:func:`attnpatch.families.predict` (latents in the VAE's ``(B, C, h, w)`` layout for
 both families; Flux's 2x2 packing happens there). Nothing runs under ``no_grad`` and nothing
 works in place, so gradients reach the latents and the embeddings; frozen weights get none.
 
@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import predict
 from ..hooks import ControlledAttnProcessor
 from ..hooks import checkpoint as replay_checkpoint
-from ._dit_call import family_name, predict
-from ._flow_conditioning import FlowConditioning, flow_schedule, prepare_flow
+from ._flow_conditioning import FlowConditioning, flow_family, flow_schedule, prepare_flow
 
 __all__ = ["flow_invert", "flow_denoise", "flow_timesteps"]
 
@@ -161,7 +161,7 @@ def _loop(
     *,
     inverse: bool,
 ) -> torch.Tensor:
-    family = family_name(transformer)
+    family = flow_family(transformer)
     c = prepare_flow(fn, transformer, family, latents, embeds, guidance_scale, guidance)
     steps = flow_schedule(
         fn,
@@ -252,7 +252,7 @@ def flow_timesteps(
     ...                                   num_inference_steps=10, num_steps=3)]
     [465, 278, 9]
     """
-    family = family_name(transformer)
+    family = flow_family(transformer)
     fn = "flow_invert" if inverse else "flow_denoise"
     steps = flow_schedule(
         fn,

@@ -16,8 +16,8 @@ from attnpatch.diffusion import (
     flow_invert,
     flow_timesteps,
 )
-from attnpatch.diffusion._dit_call import pack
 from attnpatch.errors import InputError, ModelError
+from attnpatch.families import pack_latents as pack
 from attnpatch.testing import tiny_flux, tiny_sd3
 
 PROMPTS = ["a photo of a circle", "a red star on a blue background"]
