@@ -5,7 +5,8 @@ builders live in the model layer, beside the registry that names them): tiny SD 
 (``tiny_sd("sd15" | "sd2" | "sdxl")``, a :class:`~attnpatch.diffusion.DiffusionParts`), their
 components, the tiny classifier, ``mid_unet()`` for CPU benchmarks and ``reference_unet()`` for
 real models' architectures on the meta device; ``clip_tokenizer()`` is SD's real 49408-token CLIP
-tokenizer, built offline from open-clip-torch's vocabulary file.
+tokenizer, built offline from open-clip-torch's vocabulary file; ``save_to_hub_cache()`` writes a
+stack into a Hugging Face cache as ``hf download`` would (hub ids offline).
 
 >>> sd = tiny_sd("sd15")
 >>> sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size
@@ -13,6 +14,7 @@ True
 """
 
 from .models.clip_bpe import clip_tokenizer
+from .models.hub import save_to_hub_cache
 from .models.shapes_classifier import TinyClassifier, tiny_classifier
 from .models.tiny import (
     REFERENCE_UNET_CONFIGS,
@@ -41,6 +43,7 @@ __all__ = [
     "TinyClassifier",
     "mid_unet",
     "save_tiny_sd",
+    "save_to_hub_cache",
     "VOCAB_WORDS",
     "VARIANTS",
     "REFERENCE_UNET_CONFIGS",

@@ -129,7 +129,10 @@ def build_trainer(
         classifier = load_classifier("tiny", weights=weights, config=shapes, device=device)
     else:
         classifier = load_classifier(cfg.models.classifier, weights=weights, device=device)
-    parts = load_diffusion(cfg.models.diffusion, device=device, torch_dtype=cfg.models.dtype)
+    variant = {"variant": cfg.models.variant} if cfg.models.variant else {}  # weights files
+    parts = load_diffusion(
+        cfg.models.diffusion, device=device, torch_dtype=cfg.models.dtype, **variant
+    )
     patch = build_patch(cfg, device)
     trainer = PatchTrainer(
         cfg,

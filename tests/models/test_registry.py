@@ -75,8 +75,8 @@ def test_registry_errors(bn_net):
         load_classifier(42)
     with pytest.raises(AttnPatchError, match="unknown diffusion stack 'tiny-sd3'.*tiny-sd2"):
         load_diffusion("tiny-sd3")
-    with pytest.raises(AttnPatchError, match="hub id.*huggingface-cli download"):
-        load_diffusion("stabilityai/stable-diffusion-2-1-base")
+    with pytest.raises(AttnPatchError, match="hf download stabilityai/stable-diffusion-2-1-base"):
+        load_diffusion("stabilityai/stable-diffusion-2-1-base")  # offline, not in the tmp cache
 
 
 def test_registered_diffusion_factory_gets_kwargs_and_name_checks(sd15):
