@@ -235,9 +235,11 @@ def _add_apply(sub) -> None:
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from .training import apply_flags, doctor, load_config
+    from .training.environment import describe
 
     cfg = load_config(args.config, apply_flags(args))
     cfg.train.progress = False
+    print(f"environment: {describe()}")
     report = doctor(cfg, iterations=args.iterations)
     print(report)
     return 0 if report.ok else 1

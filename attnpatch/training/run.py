@@ -10,7 +10,8 @@ Run folder (``train.out_dir``)::
     attention.png        a patched image and its label tokens' cross-attention, per UNet step
     examples.png         patched held-out images (EOT on), the classifier's prediction under each
     success_vs_scale.png success rate vs patch scale, patch and random-noise control
-    summary.json         the evaluation: clean accuracy, success rate, random-patch control
+    summary.json         the evaluation: clean accuracy, success rate, random-patch control,
+                         and the environment (package versions, attnpatch's git commit)
     checkpoints/         the latest checkpoint (resume with --resume)
     logs/                with train.log: TensorBoard event files or W&B runs (docs/logging.md)
 """
@@ -34,6 +35,7 @@ from ..models import TINY_CLASSIFIERS, load_classifier, load_diffusion
 from ..patch import AdversarialPatch
 from .config import TrainConfig, config_to_dict
 from .distributed import SINGLE, Dist, from_environment
+from .environment import environment
 from .evaluate import EvalResult, evaluate_patch
 from .figures import write_figures, write_patch_figure
 from .tracking import LOG_DIR, RunTracking
@@ -231,6 +233,7 @@ def _run(
     summary["train_seconds"] = round(t_train, 3)  # the loop alone, this session's iterations
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
+    summary["environment"] = environment()  # versions and the git commit (environment.py)
     _write_json(out / "summary.json", summary)
     tracking.log_evaluation(result.to_dict())
     return RunResult(out, result, seconds, trainer)
