@@ -10,10 +10,13 @@ figures and the doctor.
   :func:`evaluate_transfer_file` — what ``attnpatch evaluate`` does.
 * :class:`RunTracking` — ``train.log``: the run in TensorBoard or W&B (docs/logging.md).
 * :func:`diagnose` / :func:`doctor` — the pipeline checklist, measured.
+* :func:`environment` / :func:`describe_environment` — the versions and git commit a run
+  records in summary.json (and the doctor prints).
 """
 
 from .config import TrainConfig, add_config_flags, apply_flags, load_config
 from .doctor import diagnose, doctor
+from .environment import describe_environment, environment
 from .evaluate import EvalResult, evaluate_patch, success_by_scale
 from .run import RunResult, build_trainer, run_training
 from .tracking import RunTracking
@@ -40,4 +43,6 @@ __all__ = [
     "TransferRow",
     "diagnose",
     "doctor",
+    "environment",
+    "describe_environment",
 ]

@@ -1,7 +1,7 @@
 """What a result was computed with: package versions and the git commit of attnpatch's source.
 
 Every run folder's ``summary.json`` holds :func:`environment` under ``"environment"``, and
-``attnpatch doctor`` prints :func:`describe` first, so two runs that disagree can be told apart
+``attnpatch doctor`` prints :func:`describe_environment` first, so two runs that disagree can be told apart
 by their environments (the set-up installs the locked set: requirements/*.txt, README).
 
 >>> env = environment()
@@ -21,7 +21,7 @@ import torch
 
 from .._version import __version__
 
-__all__ = ["environment", "describe", "PACKAGES"]
+__all__ = ["environment", "describe_environment", "PACKAGES"]
 
 #: The packages whose versions are recorded (besides torch's build and attnpatch's commit).
 PACKAGES = (
@@ -72,7 +72,7 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def describe(env: dict[str, Any] | None = None) -> str:
+def describe_environment(env: dict[str, Any] | None = None) -> str:
     """One line for people: ``attnpatch 0.1.0 (git 1a2b3c4d) | torch 2.13.0+cpu (CPU) | ...``."""
     env = environment() if env is None else env
     commit = env.get("git_commit")

@@ -15,7 +15,7 @@ from attnpatch.errors import ModelError
 from attnpatch.models import hub, load_diffusion
 from attnpatch.testing import save_to_hub_cache, tiny_sd
 from attnpatch.training import build_trainer
-from attnpatch.training.config import config_from_dict
+from attnpatch.training.config import config_from_dict, load_config
 
 REPO = "tiny-org/tiny-sd"
 
@@ -144,17 +144,17 @@ def test_a_cached_hub_id_trains_from_python_the_config_and_the_cli(blocked, tmp_
     trainer.train()
     assert trainer.iteration == 2
 
-    config = tmp_path / "run.yaml"  # a config file
+    config = tmp_path / "run.yaml"  # a config file (what attnpatch train --config reads)
     config.write_text(yaml.safe_dump({**FAST, "models": {"diffusion": spec}}))
-    out = tmp_path / "from-config"
-    assert main(["train", "--quiet", "--config", str(config), "--train.out_dir", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["models"]["diffusion"] == spec
+    trainer, _ = build_trainer(load_config(config))
+    assert same(trainer.parts.text_encoder, shapes.text_encoder)
 
-    out = tmp_path / "from-flags"  # flags: attnpatch train --models.diffusion org/name@rev
+    out = tmp_path / "run"  # the command line: attnpatch train --models.diffusion org/name@rev
     flags = ["--train.iterations", "2", "--train.accumulate", "2", "--attention.num_steps", "1"]
     flags += ["--attention.num_inference_steps", "4", "--data.synthetic_per_class", "1"]
     flags += ["--data.synthetic_eval_per_class", "1", "--eval.eot_samples", "1"]
     args = ["train", "--quiet", "--models.diffusion", spec, "--train.out_dir", str(out), *flags]
     assert main(args) == 0
+    assert json.loads((out / "config.json").read_text())["models"]["diffusion"] == spec
     assert (out / "patch.safetensors").is_file() and (out / "summary.json").is_file()
     assert blocked == []
