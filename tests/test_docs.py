@@ -66,14 +66,16 @@ def run_block(block: Block, namespace: dict) -> None:
         code = compile(block.code, f"<{block.name}>", "exec")
         exec(code, namespace)
     except Exception as e:
-        frames = [
-            f for f in traceback.extract_tb(e.__traceback__) if f.filename == f"<{block.name}>"
-        ]
-        where = f", its line {frames[-1].lineno}" if frames else ""
-        text = frames[-1].line if frames else ""
+        if isinstance(e, SyntaxError) and e.filename == f"<{block.name}>":
+            lineno, text = e.lineno or 1, (e.text or "").rstrip()
+        else:
+            frames = traceback.extract_tb(e.__traceback__)
+            frames = [f for f in frames if f.filename == f"<{block.name}>"] or [None]
+            lineno = frames[-1].lineno if frames[-1] else 1
+            text = frames[-1].line if frames[-1] else ""
         raise AssertionError(
-            f"{block.name}{where} (file line {block.line + (frames[-1].lineno - 1 if frames else 0)}) "
-            f"failed: {type(e).__name__}: {e}\n    {text}"
+            f"{block.name}, its line {lineno} (file line {block.line + lineno - 1}) failed: "
+            f"{type(e).__name__}: {e}\n    {text}"
         ) from e
 
 
@@ -82,7 +84,12 @@ def test_docs_python_blocks_run(path, monkeypatch):
     """Each file's blocks in order, in one namespace, in a temporary cwd (tests/conftest.py)."""
     import matplotlib
 
+    from attnpatch.models import registry
+
     matplotlib.use("Agg")
+    # a page may register models: the registries are restored afterwards
+    monkeypatch.setattr(registry, "_CLASSIFIERS", dict(registry._CLASSIFIERS))
+    monkeypatch.setattr(registry, "_DIFFUSION", dict(registry._DIFFUSION))
     found = blocks(path)
     if not found:
         pytest.skip("no python blocks")
