@@ -6,8 +6,8 @@ Run folder (``train.out_dir``)::
     metrics.jsonl        one line per iteration: every loss term separately, the total, success
     patch.safetensors    the patch (apply it later with `attnpatch apply` or AdversarialPatch.load)
     patch.png            the patch as an image
-    loss_curves.png      one panel per loss term
-    attention.png        a patched image and its label tokens' cross-attention, per UNet step
+    loss_curves.png      per loss term: raw values beside weighted ones (they sum to the total)
+    attention.png        the clean and the patched image, the label word's cross-attention
     examples.png         patched held-out images (EOT on), the classifier's prediction under each
     success_vs_scale.png success rate vs patch scale, patch and random-noise control
     summary.json         the evaluation: clean accuracy, success rate, random-patch control,
