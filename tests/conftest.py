@@ -18,6 +18,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # matplotlib builds its font cache once per session, here, not in ~/.cache/matplotlib.
 os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="attnpatch-tests-mpl-")
+# The low mode on the CPU fixes glibc's mmap threshold for the whole process
+# (attnpatch.diffusion._memory.return_freed_memory): in a test worker, thousands of small
+# tensors would then pay page faults for the rest of the session. Its own tests run it in
+# child processes without this variable.
+os.environ["ATTNPATCH_MALLOC"] = "0"
 # pytest -n 2 runs two workers on two cores: one thread each avoids oversubscription.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -89,3 +94,37 @@ def _isolated_environment(tmp_path_factory, monkeypatch, session_cache):
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(env["HF_HUB_CACHE"]))
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.chdir(cwd)
+
+
+# --------------------------------------------------------------------------- scheduling
+# `pytest -n 2` (pytest-xdist's "load") deals tests out one by one, alternating workers, so a
+# module-scoped fixture (a reference run, three training processes) was built in both
+# workers. Here: the tests of a module with a module-scoped fixture of its own go to one
+# worker as a group ("loadgroup"), and the slow tests (real processes) are dealt first, so
+# that the many quick ones fill in around them instead of queueing behind them at the end.
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+        config.option.loadscopereorder = False  # keep the order below
+
+
+def _has_module_fixture(item) -> bool:
+    module = item.nodeid.split("::")[0]
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for defs in info.name2fixturedefs.values():
+        for d in defs:
+            if d.scope == "module" and getattr(d, "baseid", "") == module:
+                return True
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _has_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable

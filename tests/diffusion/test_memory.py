@@ -240,16 +240,16 @@ print(round(rss_mib() - base))
 @pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
-def test_low_mode_on_the_cpu_returns_freed_blocks_to_the_os(monkeypatch):
+def test_low_mode_on_the_cpu_returns_freed_blocks_to_the_os():
     """glibc's default keeps 200 MiB of freed 4 MiB blocks in its heap; after
     return_freed_memory() (what the low mode calls on the CPU) they go back to the OS."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     env.pop("ATTNPATCH_MALLOC", None)
 
-    def retained(tuned: str, **extra) -> list[str]:
+    def retained(tuned: str) -> list[str]:
         done = subprocess.run(
-            [sys.executable, "-c", _RETAINED, tuned], env={**env, **extra},
-            capture_output=True, text=True, timeout=120,
+            [sys.executable, "-c", _RETAINED, tuned], env=env, capture_output=True, text=True,
+            timeout=120,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout.split()
@@ -257,9 +257,36 @@ def test_low_mode_on_the_cpu_returns_freed_blocks_to_the_os(monkeypatch):
     default = retained("0")
     assert int(default[1]) >= 150  # the test can fail: glibc's default keeps them
     assert retained("1") == ["True", "0"]
-    assert retained("1", ATTNPATCH_MALLOC="0")[0] == "False"  # opted out
-    kept = retained("1", MALLOC_MMAP_THRESHOLD_="1048576")  # the user's own setting wins
-    assert kept[0] == "False"
+
+
+def test_return_freed_memory_leaves_a_users_choice_alone(monkeypatch):
+    """ATTNPATCH_MALLOC=0, or the user's own MALLOC_* variables: glibc is not touched; else
+    one mallopt(M_MMAP_THRESHOLD, 64 KiB) call, once per process."""
+    from attnpatch.diffusion import _memory
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(_memory.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(_memory, "_glibc", lambda: True)
+    for env, expected in (
+        ({"ATTNPATCH_MALLOC": "0"}, False),
+        ({"ATTNPATCH_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}, False),
+        ({"ATTNPATCH_MALLOC": "1", "MALLOC_TRIM_THRESHOLD_": "0"}, False),
+        ({"ATTNPATCH_MALLOC": "1"}, True),
+    ):
+        monkeypatch.setattr(_memory, "_malloc_state", {})
+        for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert _memory.return_freed_memory() is expected, env
+        assert _memory.return_freed_memory() is expected  # once: the state is kept
+    assert calls == [(-3, 64 * 1024)]
 
 
 def test_the_low_mode_calls_it_on_the_cpu_only(monkeypatch, sd15):
