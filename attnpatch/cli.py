@@ -294,10 +294,11 @@ def _add_apply(sub) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    from .training import apply_flags, doctor, load_config
+    from .training import apply_flags, describe_environment, doctor, load_config
 
     cfg = load_config(_one_config(args.config), apply_flags(args))
     cfg.train.progress = False
+    print(f"environment: {describe_environment()}")
     report = doctor(cfg, iterations=args.iterations)
     print(report)
     return 0 if report.ok else 1

@@ -9,6 +9,8 @@ tokenizer, built offline from open-clip-torch's vocabulary file. Diffusion trans
 ``tiny_sd3()`` / ``tiny_flux()`` (:mod:`attnpatch.models.tiny_dit`) and their parts,
 ``tiny_t5_tokenizer()`` (a T5-convention SentencePiece tokenizer estimated from the shapes
 captions: :mod:`attnpatch.models.t5_unigram`).
+``save_to_hub_cache()`` writes a
+stack into a Hugging Face cache as ``hf download`` would (hub ids offline).
 
 >>> sd = tiny_sd("sd15")
 >>> sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size
@@ -16,6 +18,7 @@ True
 """
 
 from .models.clip_bpe import clip_tokenizer
+from .models.hub import save_to_hub_cache
 from .models.shapes_classifier import TinyClassifier, tiny_classifier
 from .models.t5_unigram import tiny_t5_tokenizer
 from .models.tiny import (
@@ -52,6 +55,7 @@ __all__ = [
     "TinyClassifier",
     "mid_unet",
     "save_tiny_sd",
+    "save_to_hub_cache",
     "VOCAB_WORDS",
     "VARIANTS",
     "REFERENCE_UNET_CONFIGS",

@@ -15,8 +15,11 @@ right width), then runs one attack iteration as ``attnpatch train`` does:
     -> backward to x.
 
 Reported per case: peak memory above the built models (CPU: peak RSS over the RSS after
-building and warming up, ``VmHWM`` after a reset, ``MALLOC_MMAP_THRESHOLD_=65536`` so that
-freed blocks go back to the OS; CUDA: ``torch.cuda.max_memory_allocated`` over the allocated
+building and warming up, ``VmHWM`` after a reset; with ``--malloc env`` (the default)
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed blocks go back to the OS (close to the live
+tensors), with ``--malloc default`` glibc's defaults as a user runs, where attnpatch's low mode
+sets that threshold itself at run time, and ``--malloc off`` the defaults with
+``ATTNPATCH_MALLOC=0`` (glibc keeps freed blocks in its heaps); CUDA: ``torch.cuda.max_memory_allocated`` over the allocated
 memory after building), the seconds of the iteration, and with ``--floor`` the floor ratio: the
 iteration's time over the time of the bare forward + backward of the same calls (VAE encode,
 ``2k`` UNet calls, classifier; no hijack, no maps, no recomputation) measured in the same child.
@@ -242,6 +245,12 @@ def child(a: argparse.Namespace) -> dict:
         "seconds": seconds,
         "method": method,
         "threads": torch.get_num_threads(),
+        "malloc": (
+            "MALLOC_MMAP_THRESHOLD_=65536"
+            if "MALLOC_MMAP_THRESHOLD_" in os.environ
+            else "glibc default"
+            + (", ATTNPATCH_MALLOC=0" if "ATTNPATCH_MALLOC" in os.environ else "")
+        ),
         "torch": torch.__version__,
     }
     if a.weights_mode == "share":  # the cost of weights.mode = "share" (docs/performance.md)
@@ -266,7 +275,8 @@ def _row(r: dict) -> str:
     )
     return (
         f"| {r['model']} | {r['px']} | {r['steps'][0]}/{r['steps'][1]} | {r['guidance']:g} | "
-        f"{r['memory']} | {r['dtype']} | {r['device']} | {r['baseline_gib']:.2f} | "
+        f"{r['memory']} | {r['dtype']} | {r['device']} | {r.get('malloc', '')} | "
+        f"{r['baseline_gib']:.2f} | "
         f"**{r['growth_gib']:.2f}** | {r['seconds']:.1f} | {floor} |{share}"
     )
 
@@ -291,6 +301,14 @@ def main() -> None:
         choices=["sum", "share"],
         help="share: also time a measuring iteration of weights.mode share (a backward per term)",
     )
+    parser.add_argument(
+        "--malloc",
+        default="env",
+        choices=["env", "default", "off"],
+        help="CPU: env = MALLOC_MMAP_THRESHOLD_=65536 in the child (freed blocks unmapped: the "
+        "tensor-level figure); default = glibc's defaults, as a user runs (attnpatch's low mode "
+        "sets the threshold itself at run time); off = defaults and ATTNPATCH_MALLOC=0",
+    )
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -299,9 +317,12 @@ def main() -> None:
             setattr(args, name, getattr(args, name)[0])
         print(json.dumps(child(args)))
         return
-    env = dict(os.environ)
-    if args.device == "cpu":
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("ATTNPATCH_MALLOC", None)
+    if args.device == "cpu" and args.malloc == "env":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    elif args.device == "cpu" and args.malloc == "off":
+        env["ATTNPATCH_MALLOC"] = "0"
     results = []
     for model, px, memory, dtype in itertools.product(args.model, args.px, args.memory, args.dtype):
         cmd = [sys.executable, __file__, "--child", "--model", model, "--px", str(px)]
@@ -338,10 +359,10 @@ def main() -> None:
     )
     print()
     print(
-        "| model | px | N/k | CFG | memory | dtype | device | models GiB | growth GiB | "
+        "| model | px | N/k | CFG | memory | dtype | device | malloc | models GiB | growth GiB | "
         "s/iter | floor ratio |"
     )
-    print("|---|---:|---|---:|---|---|---|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---|---|---|---|---:|---:|---:|---:|")
     for r in results:
         print(_row(r))
 

@@ -23,6 +23,9 @@ from attnpatch.losses import (
 )
 
 torch.manual_seed(0)
+# One CPU thread, as `attnpatch train` (train.threads = 1): these tiny models gain nothing from
+# more, and several threads per process slow everything down once processes share the cores.
+torch.set_num_threads(1)
 ACCUMULATE = 4  # optimizer.step() every ACCUMULATE iterations (the accumulation counter)
 ITERATIONS = 80
 DDIM_SCHEDULE, DDIM_STEPS = 10, 2  # N timesteps in the schedule; the last DDIM_STEPS run

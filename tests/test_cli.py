@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +54,23 @@ FAST = [
 ]  # fmt: skip
 
 
+def assert_environment(env):
+    """summary.json's "environment": the versions imported here and attnpatch's git commit."""
+    import diffusers
+    import transformers
+
+    assert env["torch"] == torch.__version__ and env["cuda"] == torch.version.cuda
+    assert env["diffusers"] == diffusers.__version__
+    assert env["transformers"] == transformers.__version__
+    assert env["attnpatch"] == ap.__version__
+    head = subprocess.run(
+        ["git", "-C", str(Path(ap.__file__).parents[1]), "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+    )
+    assert env["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+
+
 @pytest.mark.slow
 def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
@@ -66,6 +85,7 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
         assert 0 <= summary[key] <= 1, key
     assert isinstance(summary["eligible"], int) and 0 < summary["eligible"] <= summary["images"]
     assert summary["iterations"] == 6 and summary["optimizer_steps"] == 3
+    assert_environment(summary["environment"])
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in lines] == list(range(6))
     assert {"classifier", "cross_attention", "self_attention", "l2", "total"} <= set(lines[0])

@@ -13,11 +13,20 @@
 Defaults (``memory=None``): ``"fast"`` on the CPU (RAM is rarely the limit there and time is:
 fast runs at 1.02x the bare forward+backward, balanced 1.44x, low 2.12x at SD size), ``"low"``
 on accelerators (their memory is). docs/performance.md has the measurements.
+
+On the CPU, what "low" saves only shows in the process's memory if freed blocks go back to the
+OS: glibc keeps them in its heaps by default (its mmap threshold climbs to 32 MiB as big blocks
+are freed, and later blocks below it come from heaps that seldom shrink). The first low-mode
+call on the CPU therefore fixes glibc's mmap threshold at 64 KiB for the process
+(:func:`return_freed_memory`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
+import platform
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +38,48 @@ from ..errors import AttnPatchError
 from ..hooks import AttentionControl, AttnSite
 from ..hooks import checkpoint as replay_checkpoint
 
-__all__ = ["MEMORY_MODES", "resolve_memory", "block_checkpointing", "CondHalf"]
+__all__ = [
+    "MEMORY_MODES",
+    "resolve_memory",
+    "block_checkpointing",
+    "CondHalf",
+    "return_freed_memory",
+    "MMAP_THRESHOLD",
+]
 
 MEMORY_MODES = ("low", "balanced", "fast")
+#: glibc's mmap threshold (bytes) the low mode sets on the CPU: blocks of this size and more
+#: are mmapped, so freeing them unmaps them (glibc's own default is 128 KiB, then dynamic).
+MMAP_THRESHOLD = 64 * 1024
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_malloc_state: dict[str, bool] = {}
+
+
+def return_freed_memory() -> bool:
+    """Make freed blocks of :data:`MMAP_THRESHOLD` bytes and more go back to the OS, for the
+    whole process: glibc's ``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` (what the environment variable
+    ``MALLOC_MMAP_THRESHOLD_=65536`` does at start-up), once. ``True`` when it is in effect.
+
+    Left alone (``False``): not glibc; ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``
+    set (the user chose); ``ATTNPATCH_MALLOC=0`` (opt out). It costs page faults on the big
+    allocations it now maps afresh; docs/performance.md measures it.
+    """
+    if "done" in _malloc_state:
+        return _malloc_state["done"]
+    env = os.environ
+    chosen = any(k in env for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+    ok = False
+    if env.get("ATTNPATCH_MALLOC", "1") != "0" and not chosen and _glibc():
+        try:
+            ok = ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        except (OSError, AttributeError):
+            ok = False
+    _malloc_state["done"] = ok
+    return ok
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def resolve_memory(memory: str | None, checkpoint: bool | None, device: torch.device) -> str:

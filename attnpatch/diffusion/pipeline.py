@@ -33,7 +33,7 @@ from ..hooks import (
     trace_attention,
 )
 from ..images import resize, to_diffusion_input
-from ._memory import CondHalf, block_checkpointing, resolve_memory
+from ._memory import CondHalf, block_checkpointing, resolve_memory, return_freed_memory
 from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
 from .parts import DiffusionParts
 from .prompts import PromptEmbeds, encode_prompt, sdxl_added_cond_kwargs
@@ -94,9 +94,11 @@ class AttentionPipeline:
         memory: ``"fast"`` (nothing recomputed), ``"balanced"`` (each UNet call recomputed in
             backward: memory flat in ``num_steps``) or ``"low"`` (also block by block inside
             each call, the VAE encoder checkpointed, the guidance halves as separate calls);
-            values and gradients are the same in all three. ``None``: ``"balanced"`` on the
+            values and gradients are the same in all three. ``None``: ``"fast"`` on the
             CPU, ``"low"`` on an accelerator (read from the UNet's device). Costs in
-            docs/performance.md.
+            docs/performance.md. On the CPU, ``"low"`` also has glibc return freed blocks to
+            the OS, for the whole process (``_memory.return_freed_memory``; opt out with
+            ``ATTNPATCH_MALLOC=0``).
         checkpoint: the older switch: ``True`` is ``memory="balanced"``, ``False`` ``"fast"``
             (deprecated: a ``FutureWarning``; removed in attnpatch 0.3.0).
 
@@ -194,6 +196,8 @@ class AttentionPipeline:
             )
         p = self.parts
         low = self.memory == "low"
+        if low and images.device.type == "cpu":
+            return_freed_memory()  # else freed activations stay in glibc's heaps (_memory.py)
         x = to_diffusion_input(images, self.image_size, multiple=self.factor)
         vae_dtype = _dtype_of(p.vae)
         # checks x: (B, 3, h, w) in [-1, 1]; the loop runs in the images' dtype (fp32)

@@ -23,6 +23,7 @@ from torch import nn
 from .._util import as_pair
 from ..errors import AttnPatchError, InputError, ModelError
 from ..images import check_image
+from .hub import offline, repo_cache_folder
 
 __all__ = ["NormalizedClassifier", "probe_classifier", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -228,8 +229,9 @@ def _import_optional(module: str, extra: str = "vision") -> Any:
 def _torchvision_weights(tv: Any, name: str, weights: Any) -> tuple[Path | None, Any]:
     """``weights=`` of a torchvision spec -> ``(local file, None)`` or ``(None, enum member)``.
 
-    A weights *name* is accepted only when torchvision's file is already in the torch hub
-    cache (``$TORCH_HOME/hub/checkpoints/``): torchvision would download it otherwise.
+    A weights *name* is torchvision's: its file is read from the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints/``), downloaded there by torchvision when missing, unless
+    offline (``HF_HUB_OFFLINE=1``, :func:`.hub.offline`): then a missing file is an error.
     """
     if isinstance(weights, os.PathLike) or Path(str(weights)).expanduser().is_file():
         return Path(weights).expanduser(), None
@@ -252,12 +254,12 @@ def _torchvision_weights(tv: Any, name: str, weights: Any) -> tuple[Path | None,
             "state dict, or one of those names"
         )
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
-    if not cached.is_file():
+    if not cached.is_file() and offline():
         raise ModelError(
-            f"torchvision weights {enum.__name__}.{member.name} of {name!r} are not on this "
-            f"machine ({cached} does not exist) and attnpatch never downloads; download "
-            f"{member.url} to that path (or point $TORCH_HOME at the folder holding "
-            "hub/checkpoints/), or pass weights=<the local file>"
+            f"torchvision weights {enum.__name__}.{member.name} of {name!r} are not in torch "
+            f"hub's cache ({cached} does not exist) and HF_HUB_OFFLINE is set; download them "
+            f"once with `curl -L {member.url} -o {cached}` (or unset HF_HUB_OFFLINE: "
+            "torchvision downloads them there), or pass weights=<the local file>"
         )
     return None, member
 
@@ -267,17 +269,18 @@ def build_torchvision(spec: str, weights: Any, kwargs: dict[str, Any]) -> Normal
 
     ``weights``: ``None`` (random weights), a local file (built with ``weights=None``, then
     loaded strictly with :func:`load_weights`), or a torchvision weights name (``"DEFAULT"``,
-    ``"IMAGENET1K_V2"``, ``"ResNet50_Weights.IMAGENET1K_V2"``) whose file is already cached;
-    torchvision then loads it and its ``meta["categories"]`` become the classes. A name whose
-    file is not cached raises :class:`~attnpatch.errors.ModelError` (nothing is downloaded), as does
-    torchvision's deprecated ``pretrained=`` (it downloads). ImageNet mean/std, (224, 224).
+    ``"IMAGENET1K_V2"``, ``"ResNet50_Weights.IMAGENET1K_V2"``): torchvision loads it from torch
+    hub's cache (downloading it there when missing, unless offline: ``HF_HUB_OFFLINE=1`` makes
+    a missing file a :class:`ModelError` naming its path) and its ``meta["categories"]`` become
+    the classes. torchvision's deprecated ``pretrained=`` is refused (pass the weights name).
+    ImageNet mean/std, (224, 224).
     """
     tv = _import_optional("torchvision")
     name = spec.split(":", 1)[1]
     if "pretrained" in kwargs:
         raise ModelError(
-            f"torchvision's pretrained= is its deprecated, downloading interface; for {spec!r} "
-            "pass weights=<local file>, or weights='DEFAULT' with the file in $TORCH_HOME"
+            f"torchvision's pretrained= is its deprecated interface; for {spec!r} pass "
+            "weights='DEFAULT' (or another weights name), or weights=<local file>"
         )
     available = list(tv.models.list_models())
     if name not in available:
@@ -308,11 +311,12 @@ def build_timm(spec: str, kwargs: dict[str, Any]) -> NormalizedClassifier:
     """``"timm:<name>"`` -> a wrapped ``timm.create_model(name, **kwargs)``.
 
     Mean, std and input size come from ``timm.data.resolve_model_data_config(model)`` (the
-    model's ``pretrained_cfg``). Random weights unless ``pretrained=True`` with a local file:
-    ``pretrained_cfg_overlay=dict(file=PATH)`` (timm's own loader: it adapts the classifier
-    head to ``num_classes``); ``pretrained=True`` without one would download from the Hugging
-    Face hub and raises :class:`~attnpatch.errors.ModelError`. A head-less model (``num_classes=0``, which
-    returns features) is refused.
+    model's ``pretrained_cfg``). Random weights unless ``pretrained=True``: timm's own loader
+    then reads the weights from the Hugging Face cache (``timm/<model>.<tag>``; downloaded when
+    online and missing; ``HF_HUB_OFFLINE=1``: a missing file is a :class:`ModelError` naming
+    ``hf download`` and the cache path), or from a local file with
+    ``pretrained_cfg_overlay=dict(file=PATH)``; it adapts the classifier head to
+    ``num_classes``. A head-less model (``num_classes=0``, which returns features) is refused.
     """
     timm = _import_optional("timm")
     name = spec.split(":", 1)[1]
@@ -321,25 +325,35 @@ def build_timm(spec: str, kwargs: dict[str, Any]) -> NormalizedClassifier:
         raise ModelError(
             f"timm has no model {name!r}."
             + (f" Did you mean {close}?" if close else "")
-            + " See timm.list_models() (hub ids are not downloaded: pass the local file)"
+            + " See timm.list_models()"
         )
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if kwargs.get("pretrained"):
-        file = overlay.get("file")
-        if file is None and overlay.get("state_dict") is None:
-            raise ModelError(
-                f"timm's pretrained=True would download the weights of {name!r}, and attnpatch "
-                "never downloads; pass the file you have: pretrained=True, "
-                "pretrained_cfg_overlay=dict(file=PATH) (or weights=PATH for a state dict of "
-                "this architecture)"
-            )
-        if file is not None and not Path(file).expanduser().is_file():
-            raise ModelError(
-                f"pretrained_cfg_overlay file {str(file)!r} not found; pass an existing "
-                f".safetensors / .pth file of the weights of {name!r}"
-            )
+    file = overlay.get("file")
+    if kwargs.get("pretrained") and file is not None and not Path(file).expanduser().is_file():
+        raise ModelError(
+            f"pretrained_cfg_overlay file {str(file)!r} not found; pass an existing "
+            f".safetensors / .pth file of the weights of {name!r}"
+        )
+    if kwargs.get("pretrained") and file is None and offline():
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is not None and not cfg.hf_hub_id and cfg.url:  # timm would use torch hub
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+            if not cached.is_file():
+                raise ModelError(
+                    f"timm's pretrained weights of {name!r} are not in torch hub's cache "
+                    f"({cached}) and HF_HUB_OFFLINE is set; download them once with "
+                    f"`curl -L {cfg.url} -o {cached}`, or pass pretrained_cfg_overlay=dict(file=PATH)"
+                )
     try:
         model = timm.create_model(name, **kwargs)
+    except FileNotFoundError as e:  # LocalEntryNotFoundError: offline, not in the HF cache
+        repo = overlay.get("hf_hub_id") or _timm_hub_id(timm, name)
+        raise ModelError(
+            f"timm's pretrained weights of {name!r} are not in the Hugging Face cache "
+            f"({repo_cache_folder(repo.split('@')[0])}) and the hub may not be reached "
+            f"(HF_HUB_OFFLINE=1 or no network); download them once with `hf download {repo} "
+            "model.safetensors`, or pass pretrained_cfg_overlay=dict(file=PATH)"
+        ) from e
     except Exception as e:
         raise ModelError(
             f"timm could not build {name!r} with {sorted(kwargs) or 'no arguments'} "
@@ -354,6 +368,14 @@ def build_timm(spec: str, kwargs: dict[str, Any]) -> NormalizedClassifier:
     return NormalizedClassifier(
         model, cfg["mean"], cfg["std"], input_size=tuple(cfg["input_size"][-2:]), name=spec
     )
+
+
+def _timm_hub_id(timm: Any, name: str) -> str:
+    """The HF repo timm reads ``name``'s pretrained weights from (``timm/<model>.<tag>``)."""
+    try:
+        return timm.models.get_pretrained_cfg(name).hf_hub_id or f"timm/{name}"
+    except Exception:
+        return f"timm/{name}"
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> None:

@@ -117,13 +117,15 @@ def load_diffusers_folder(
     *,
     dtype: torch.dtype | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    variant: str | None = None,
 ) -> DiffusionParts:
     """Read a diffusers model folder offline (``local_files_only=True``): SD1.x, SD2.x, SDXL,
     and SD3 / SD3.5 / Flux (a folder with ``transformer/``: :func:`.dit.load_dit_folder`).
 
     The folder holds ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``
     (and for SDXL ``text_encoder_2/``, ``tokenizer_2/``): what ``save_pretrained`` writes, or
-    ``huggingface-cli download <repo> --local-dir <folder>`` fetches. Weights load as
+    ``hf download <repo> --local-dir <folder>`` fetches, or a snapshot of the Hugging Face
+    cache (:mod:`.hub`). Weights load as
     ``safetensors`` when present. The variant is read from the UNet config (see
     :func:`detect_variant`); the scheduler is built as a ``DDIMScheduler`` from
     ``scheduler/scheduler_config.json`` whatever class it names (``prediction_type`` kept).
@@ -133,7 +135,8 @@ def load_diffusers_folder(
     ``torch_dtype`` (``float32``, ``float16``, ``bfloat16``) is diffusers' / transformers' own
     loading dtype, per part as :func:`attnpatch.diffusion.part_dtypes` says: the UNet and the
     text encoder(s) in it, the VAE in float32 under float16 (the SD VAE overflows in float16).
-    ``dtype`` loads every part in one dtype (the older switch).
+    ``dtype`` loads every part in one dtype (the older switch). ``variant`` is diffusers' and
+    transformers' weights variant (``"fp16"``: ``unet/diffusion_pytorch_model.fp16.safetensors``).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -145,6 +148,7 @@ def load_diffusers_folder(
             "it once: StableDiffusionPipeline.from_single_file(path).save_pretrained(folder)"
         )
     kw: dict[str, Any] = {"local_files_only": True}
+    wkw = {**kw, "variant": variant} if variant else kw  # the networks' weights files
     if torch_dtype is not None:
         if dtype is not None:
             raise InputError("pass torch_dtype= or dtype=, not both")
@@ -158,26 +162,26 @@ def load_diffusers_folder(
     if missing:
         raise ModelError(
             f"{str(root)!r} is not a complete diffusers model folder: {missing} missing. Pass the "
-            f"folder that holds {needed} (e.g. from save_pretrained or huggingface-cli download "
+            f"folder that holds {needed} (e.g. from save_pretrained or hf download "
             "--local-dir)"
         )
     dtype = per_part["text_encoder"]
     try:
         unet = UNet2DConditionModel.from_pretrained(
-            root / "unet", torch_dtype=per_part["unet"], **kw
+            root / "unet", torch_dtype=per_part["unet"], **wkw
         )
-        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=per_part["vae"], **kw)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=per_part["vae"], **wkw)
         variant = detect_variant(unet)
         has_second = (root / "text_encoder_2").is_dir()
         if has_second:
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype, **wkw)
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                root / "text_encoder_2", dtype=dtype, **kw
+                root / "text_encoder_2", dtype=dtype, **wkw
             )
             tokenizer_2 = CLIPTokenizer.from_pretrained(root / "tokenizer_2", **kw)
         else:
             cls = CLIPTextModelWithProjection if variant == "sdxl" else CLIPTextModel
-            text_encoder = cls.from_pretrained(root / "text_encoder", dtype=dtype, **kw)
+            text_encoder = cls.from_pretrained(root / "text_encoder", dtype=dtype, **wkw)
             text_encoder_2 = tokenizer_2 = None
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer", **kw)
         scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(root / "scheduler"))

@@ -1,7 +1,7 @@
 """Diffusion-transformer stacks (SD3 / SD3.5, Flux) in the one fixed form: folders and checks.
 
 :func:`load_dit_folder` reads an SD3 or Flux diffusers folder offline (what
-``pipe.save_pretrained`` writes or ``huggingface-cli download --local-dir`` fetches);
+``pipe.save_pretrained`` writes or ``hf download --local-dir`` fetches);
 :func:`check_dit_parts` checks that the text encoders' widths fit the transformer;
 :func:`to_flow_scheduler` makes the scheduler a ``FlowMatchEulerDiscreteScheduler``.
 :mod:`.diffusion` dispatches here when a stack has a ``transformer``.
@@ -128,7 +128,7 @@ def load_dit_folder(root: Path, per_part: dict[str, torch.dtype | None]) -> Diff
         raise ModelError(
             f"{str(root)!r} is not a complete {variant} diffusers folder: {missing} missing. Pass "
             f"the folder that holds {list(_FOLDERS[variant])} (e.g. from save_pretrained or "
-            "huggingface-cli download --local-dir)"
+            "hf download --local-dir)"
         )
     kw: dict[str, Any] = {"local_files_only": True}
     text = per_part["text_encoder"]

@@ -51,6 +51,7 @@ from torch import nn
 from .._util import deprecated
 from ..diffusion import DiffusionParts, part_dtypes
 from ..errors import InputError, ModelError
+from . import hub
 from .classifier import (
     NormalizedClassifier,
     build_timm,
@@ -317,9 +318,10 @@ def load_diffusion(
     Args:
         spec: a registered name (``"shapes"``, ``"tiny"`` = ``"tiny-sd15"``, ``"tiny-sd2"``,
             ``"tiny-sdxl"``, ``"tiny-sd3"``, ``"tiny-flux"``, or yours), a local diffusers model
-            folder (SD1.x / 2.x / XL, SD3 / SD3.5, Flux; see
-            :func:`load_diffusers_folder`), or a ``DiffusionParts``-like object.
-            Hub ids are not downloaded: download once, pass the folder.
+            folder (SD1.x / 2.x / XL, SD3 / SD3.5, Flux; see :func:`load_diffusers_folder`), a
+            Hugging Face hub id as diffusers takes it (``"org/name"``, ``"org/name@revision"``:
+            read from the HF cache, downloaded when online and missing; :mod:`.hub`), or a
+            ``DiffusionParts``-like object.
         device, dtype: where the networks go (``dtype`` is also the loading dtype of folders;
             deprecated: it warns, and goes in attnpatch 0.3.0: pass ``torch_dtype``).
         torch_dtype: half precision done right: ``torch.float16`` / ``torch.bfloat16`` (or
@@ -329,7 +331,9 @@ def load_diffusion(
             the UNet and the text encoder(s) in ``torch_dtype``, the VAE in float32 under
             float16 (the SD VAE overflows in float16), in bfloat16 under bfloat16. The
             attention pipeline then keeps its loop, the stored maps and the images in float32.
-        **kwargs: passed to a registered factory (the tiny ones take ``seed``).
+        **kwargs: passed to a registered factory (the tiny ones take ``seed``). Folders and hub
+            ids take ``variant`` (diffusers' weights variant, ``"fp16"``), and hub ids
+            ``revision`` and ``local_files_only`` (default: ``HF_HUB_OFFLINE``).
 
     Checks that the text encoder width(s) fit the network (the UNet's
     ``cross_attention_dim``; the transformer's ``joint_attention_dim`` and
@@ -350,26 +354,35 @@ def load_diffusion(
         )
     per_part = None if torch_dtype is None else part_dtypes(torch_dtype)  # checks it first
     if isinstance(spec, (str, os.PathLike)) and str(spec) in _DIFFUSION:
+        if kwargs.get("variant") is not None:  # not the factory's: diffusers' weights variant
+            raise ModelError(
+                f"variant={kwargs['variant']!r} picks the weights files of a model folder or hub "
+                f"id; {str(spec)!r} is a registered stack built in code: leave variant unset"
+            )
+        kwargs.pop("variant", None)
         parts = as_parts(_DIFFUSION[str(spec)](**kwargs), spec)
     elif isinstance(spec, (str, os.PathLike)):
         path = Path(spec).expanduser()
+        hub_kw = {k: kwargs.pop(k) for k in ("revision", "local_files_only") if k in kwargs}
+        variant = kwargs.pop("variant", None)
+        if not path.exists() and hub.parse_hub_id(str(spec)) is not None:
+            repo, revision = hub.parse_hub_id(str(spec))
+            revision = hub_kw.pop("revision", None) or revision
+            path = hub.diffusion_snapshot(repo, revision, variant=variant, **hub_kw)
         if path.exists():
             if kwargs:
                 raise InputError(
-                    f"unexpected arguments {sorted(kwargs)} for a model folder; folders take "
-                    "device=, dtype= and torch_dtype= only"
+                    f"unexpected arguments {sorted(kwargs)} for a model folder; folders and hub "
+                    "ids take device=, dtype=, torch_dtype=, variant=, revision= and "
+                    "local_files_only= only"
                 )
-            folder = load_diffusers_folder(path, dtype=dtype, torch_dtype=torch_dtype)
+            folder = load_diffusers_folder(
+                path, dtype=dtype, torch_dtype=torch_dtype, variant=variant
+            )
             parts = as_parts(folder, str(spec))
             per_part = None  # loaded in their dtypes
         else:
-            looks_hub = str(spec).count("/") == 1 and not str(spec).startswith((".", "/", "~"))
-            extra = (
-                f"{str(spec)!r} looks like a Hugging Face hub id: attnpatch never downloads; run "
-                f"huggingface-cli download {spec} --local-dir DIR and pass DIR"
-                if looks_hub
-                else "or pass the path of an existing local diffusers model folder"
-            )
+            extra = "or pass the path of an existing local diffusers model folder or a hub id"
             raise _unknown(str(spec), diffusion_names(), "diffusion stack", extra)
     else:
         parts = as_parts(spec, type(spec).__name__)

@@ -294,6 +294,7 @@ def tiny_factory(
     normalises itself) with the shape names as ``classes`` and ``info["cache_hit"]``,
     ``info["cache_path"]`` set.
     """
+    from filelock import FileLock
     from safetensors.torch import save_file
 
     if isinstance(config, dict):
@@ -303,16 +304,24 @@ def tiny_factory(
     path = tiny_classifier_path(config, seed, arch=arch)
     key, payload = _tiny_key(config, seed, arch)
     cached = _load_cached(path, key, config, arch) if cache else None
+    if cached is None and cache:
+        # one process trains, others (data-parallel ranks, test workers) wait and load its file
+        lock = cache_dir() / "locks" / f"{path.name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock)):
+            cached = _load_cached(path, key, config, arch)
+            if cached is None:
+                model, info = train_tiny_classifier(config, seed, arch=arch)
+                info["cache_hit"] = False
+                meta = {"key": key, "config": payload, "info": json.dumps(info)}
+                state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                with atomic_write(path) as tmp:
+                    save_file(state, str(tmp), meta)
     if cached is not None:
         model, info = cached
-    else:
+    elif not cache:
         model, info = train_tiny_classifier(config, seed, arch=arch)
         info["cache_hit"] = False
-        if cache:
-            meta = {"key": key, "config": payload, "info": json.dumps(info)}
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            with atomic_write(path) as tmp:
-                save_file(state, str(tmp), meta)
     info["cache_path"] = str(path) if cache else None
     return NormalizedClassifier(
         model.eval(),

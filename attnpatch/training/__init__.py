@@ -13,11 +13,14 @@ figures and the doctor.
 * :func:`diagnose` / :func:`doctor` — the pipeline checklist, measured.
 * :class:`Term` / :func:`register_term` / :func:`term_names` — the pipeline's loss terms, one
   registration each; ``weights.mode`` says how they become the update (:mod:`.weights`).
+* :func:`environment` / :func:`describe_environment` — the versions and git commit a run
+  records in summary.json (and the doctor prints).
 """
 
 from .config import TrainConfig, add_config_flags, apply_flags, load_config
 from .config_checks import LOGGERS
 from .doctor import diagnose, doctor
+from .environment import describe_environment, environment
 from .evaluate import EvalResult, evaluate_patch, success_by_scale
 from .run import RunResult, build_trainer, run_training
 from .terms import Term, TermInputs, register_term, term_names
@@ -50,4 +53,6 @@ __all__ = [
     "register_term",
     "term_names",
     "LOGGERS",
+    "environment",
+    "describe_environment",
 ]

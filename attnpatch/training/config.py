@@ -53,8 +53,11 @@ class ModelsConfig:
     #: a local weights file (or a torchvision weights name such as "IMAGENET1K_V2"); "" = none
     classifier_weights: str = ""
     #: "shapes" (trained on the shapes world, shipped), "tiny", "tiny-sd2", "tiny-sdxl" (random
-    #: weights), a registered name, or a local diffusers folder
+    #: weights), a registered name, a local diffusers folder, or a Hugging Face hub id
+    #: ("org/name" or "org/name@revision": from the HF cache; HF_HUB_OFFLINE=1 never downloads)
     diffusion: str = "shapes"
+    #: diffusers' weights variant of a folder or hub id ("fp16": *.fp16.safetensors); "" = none
+    variant: str = ""
     device: str = "auto"  #: "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     #: the diffusion stack's dtype: "float32", "float16" or "bfloat16" (load_diffusion's
     #: torch_dtype: the VAE stays float32 under float16; the patch and the maps stay float32)

@@ -1,9 +1,11 @@
 """The run folder's figures, drawn with :mod:`attnpatch.viz` (matplotlib, Agg):
 
 * ``patch.png``            the patch, one square per pixel;
-* ``loss_curves.png``      one panel per loss term and the total, raw and smoothed;
-* ``attention.png``        a patched image and its label word's cross-attention, per UNet step
-  and averaged, with colour bars;
+* ``loss_curves.png``      one row per loss term and the total, raw and smoothed: the raw
+  values beside the weighted contributions (``weight * value``, the config's ``weights``),
+  which add up to the total in its row;
+* ``attention.png``        the clean image and its patched copy, each with the label word's
+  cross-attention per UNet step and averaged, each column on one colour scale;
 * ``examples.png``         patched held-out images (EOT on), the classifier's prediction and
   the true class under each;
 * ``success_vs_scale.png`` success rate vs patch scale, patch and random-noise control
@@ -23,7 +25,6 @@ from typing import Any
 import torch
 
 from .evaluate import SCALES, success_by_scale
-from .terms import term_names
 from .trainer import PatchTrainer, attention_pipeline
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "write_patch_figure",
     "attention_heatmaps",
     "class_names",
+    "loss_weights",
 ]
 
 
@@ -98,7 +100,8 @@ def write_figures(
     records = [
         json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line
     ]
-    viz.save(viz.loss_curves(records, [*term_names(), "total"]), out / "loss_curves.png")
+    weights = loss_weights(trainer.config)
+    viz.save(viz.loss_curves(records, weights=weights), out / "loss_curves.png")
     cfg = trainer.config
     n = min(cfg.eval.examples, len(images))
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -110,12 +113,20 @@ def write_figures(
     truth = [trainer.classes[int(y)] for y in labels[:n]]
     figure = viz.examples(patched.cpu(), class_names(trainer, predicted), truth)
     viz.save(figure, out / "examples.png")
-    attention_heatmaps(trainer, patched[:1], labels[:1], out / "attention.png")
+    clean = images[:1].to(device)
+    attention_heatmaps(trainer, patched[:1], labels[:1], out / "attention.png", clean=clean)
     success = [r["success_rate"] for r in by_scale["by_scale"]]
     control = [r["control_success_rate"] for r in by_scale["by_scale"]]
     figure = viz.success_vs_scale(SCALES, success, control, trained=trainer.patch.scale)
     viz.save(figure, out / "success_vs_scale.png")
     return by_scale
+
+
+def loss_weights(config: Any) -> dict[str, float]:
+    """``{term: weight}`` of the run (the registered terms, each ``None`` in the config
+    resolved to its mode's default); in share mode each ``metrics.jsonl`` line also holds the
+    weights that iteration used (``weight.<term>``), which the figure prefers."""
+    return config.weights.resolved()
 
 
 def class_names(trainer: PatchTrainer, outputs: torch.Tensor) -> list[str]:
@@ -131,21 +142,34 @@ def class_names(trainer: PatchTrainer, outputs: torch.Tensor) -> list[str]:
 
 
 def attention_heatmaps(
-    trainer: PatchTrainer, patched: torch.Tensor, labels: torch.Tensor, path: Path
+    trainer: PatchTrainer,
+    patched: torch.Tensor,
+    labels: torch.Tensor,
+    path: Path,
+    *,
+    clean: torch.Tensor | None = None,
 ) -> None:
     """The label word's cross-attention over one patched image ``(1, 3, H, W)`` in [0, 1],
-    per denoising step and averaged, written to ``path``."""
+    per denoising step and averaged, written to ``path``; with ``clean`` (the same image
+    without the patch) the clean image's maps in a row above, on the same colour scales."""
     from .. import viz
 
     # attention losses off: a pipeline just for the figure
     pipe = trainer.attention or attention_pipeline(trainer.config, trainer.parts)
     label = int(labels[0])
     tokens = trainer.tokens[label]
-    with torch.no_grad():
-        result = pipe(patched, [trainer.prompts[label]], per_step=True)
     res = pipe.cross_resolution
-    steps = result.cross.step_maps("cross", res)
-    maps = [(f"step {s}", m[-1, ..., tokens].mean(-1).cpu()) for s, m in steps.items()]
-    maps.append(("mean", result.cross_maps(res)[0, ..., tokens].mean(-1).cpu()))
-    figure = viz.attention_maps(patched[0].cpu(), maps, token=trainer.classes[label])
+
+    def word_maps(image: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        with torch.no_grad():
+            result = pipe(image, [trainer.prompts[label]], per_step=True)
+        steps = result.cross.step_maps("cross", res)
+        maps = [(f"step {s}", m[-1, ..., tokens].mean(-1).cpu()) for s, m in steps.items()]
+        maps.append(("mean", result.cross_maps(res)[0, ..., tokens].mean(-1).cpu()))
+        return maps
+
+    extra = {} if clean is None else {"clean": clean[0].cpu(), "clean_maps": word_maps(clean)}
+    figure = viz.attention_maps(
+        patched[0].cpu(), word_maps(patched), token=trainer.classes[label], **extra
+    )
     viz.save(figure, path)

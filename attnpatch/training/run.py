@@ -6,11 +6,12 @@ Run folder (``train.out_dir``)::
     metrics.jsonl        one line per iteration: every loss term separately, the total, success
     patch.safetensors    the patch (apply it later with `attnpatch apply` or AdversarialPatch.load)
     patch.png            the patch as an image
-    loss_curves.png      one panel per loss term
-    attention.png        a patched image and its label tokens' cross-attention, per UNet step
+    loss_curves.png      per loss term: raw values beside weighted ones (they sum to the total)
+    attention.png        the clean and the patched image, the label word's cross-attention
     examples.png         patched held-out images (EOT on), the classifier's prediction under each
     success_vs_scale.png success rate vs patch scale, patch and random-noise control
-    summary.json         the evaluation: clean accuracy, success rate, random-patch control
+    summary.json         the evaluation: clean accuracy, success rate, random-patch control,
+                         and the environment (package versions, attnpatch's git commit)
     checkpoints/         the latest checkpoint (resume with --resume)
     logs/                with train.log: TensorBoard event files or W&B runs (docs/logging.md)
     .attnpatch-run       the marker: this folder is attnpatch's; locked while a run uses it
@@ -41,6 +42,7 @@ from ..patch import AdversarialPatch
 from .config import TrainConfig, config_to_dict
 from .config_checks import check_device
 from .distributed import SINGLE, Dist, from_environment
+from .environment import environment
 from .evaluate import EvalResult, evaluate_patch
 from .figures import scale_curve, write_figures, write_patch_figure
 from .run_folder import RunFolder, check_out_dir, last_checkpoint, out_dir_path
@@ -145,7 +147,10 @@ def build_trainer(
         classifier = load_classifier("tiny", weights=weights, config=shapes, device=device)
     else:
         classifier = load_classifier(cfg.models.classifier, weights=weights, device=device)
-    parts = load_diffusion(cfg.models.diffusion, device=device, torch_dtype=cfg.models.dtype)
+    variant = {"variant": cfg.models.variant} if cfg.models.variant else {}  # weights files
+    parts = load_diffusion(
+        cfg.models.diffusion, device=device, torch_dtype=cfg.models.dtype, **variant
+    )
     patch = build_patch(cfg, device)
     trainer = PatchTrainer(
         cfg,
@@ -308,6 +313,7 @@ def _run(
     summary["train_seconds"] = round(t_train, 3)  # the loop alone, this session's iterations
     summary["seconds"] = round(seconds, 2)
     summary["classes"] = trainer.classes
+    summary["environment"] = environment()  # versions and the git commit (environment.py)
     _write_json(out / "summary.json", summary)  # before the figures: a figure cannot lose it
     tracking.log_evaluation(result.to_dict())
     try:

@@ -341,6 +341,9 @@ class PatchTrainer:
         success; on measuring iterations each term's share of the update (``share.<term>``)."""
         record = {"iteration": self.iteration - 1, "step": stepped, "counter": self.counter}
         record.update(out.terms.as_dict())
+        weights = out.terms.weights  # those this iteration used (share mode: they move)
+        for name in out.terms.values():
+            record[f"weight.{name}"] = weights[name]
         for name, share in (measured or {}).items():
             record[f"share.{name}"] = share
         with torch.no_grad():

@@ -16,6 +16,8 @@ __all__ = ["loss_curves", "success_vs_scale", "transfer_bars", "smooth", "wants_
 
 #: Fields of a metrics record that are not loss terms.
 _NOT_TERMS = ("iteration", "step", "counter")
+#: per-term extras in a record: the weight used and the measured share of the update
+_NOT_PREFIXES = ("weight.", "share.")
 #: A positive term is drawn on a log axis when max / min exceeds this (two decades).
 LOG_SPAN = 100.0
 
@@ -47,21 +49,38 @@ def wants_log_scale(values: Sequence[float]) -> bool:
     return bool(len(v)) and bool((v > 0).all()) and float(v.max() / v.min()) > LOG_SPAN
 
 
-def loss_curves(records: Sequence[dict], names: Sequence[str] | None = None) -> Figure:
+def loss_curves(
+    records: Sequence[dict],
+    names: Sequence[str] | None = None,
+    *,
+    weights: dict[str, float] | None = None,
+) -> Figure:
     """One panel per loss term against the iteration (shared x axis): the raw values faint, a
     moving average over 5 % of the run on top, the last value in the title; a log y axis where
     the term is positive and spans more than two decades (:func:`wants_log_scale`).
+
+    With ``weights`` (``{term: weight}``, e.g. the run's resolved weights) a second column
+    shows each term's weighted contribution, ``weight * value``, on a linear axis (a record's
+    own ``"weight.<term>"``, the weight that iteration used, wins: ``weights.mode = "share"``
+    changes it as the running norms move), and
+    the total's row there draws every contribution beside the total: they add up to it (the
+    title gives the largest gap between their sum and the total). Terms of weight 0 are left out.
 
     Args:
         records: ``metrics.jsonl`` lines: dicts with ``"iteration"`` and one number (or
             ``None``: not computed) per term.
         names: the terms, one panel each, in order; ``"total"`` gets its own panel (drawn in
-            another colour). ``None``: every numeric field but iteration, step and counter.
-            Terms never logged (always ``None``) get no panel.
+            another colour). ``None``: the terms of ``weights`` and ``"total"`` when weights
+            are given, else every numeric field but iteration, step and counter. Terms never
+            logged (always ``None``) get no panel.
     """
+    if names is None and weights is not None:
+        names = [n for n, w in weights.items() if w and n != "total"] + ["total"]
     if names is None:
         names = list(dict.fromkeys(k for r in records for k, v in r.items() if _number(v)))
-        names = [n for n in names if n not in _NOT_TERMS]
+        names = [n for n in names if n not in _NOT_TERMS and not n.startswith(_NOT_PREFIXES)]
+    if weights is not None:
+        names = [n for n in names if n == "total" or weights.get(n, 0)]
     series = []
     for name in names:
         pts = [(r["iteration"], r[name]) for r in records if _number(r.get(name))]
@@ -72,26 +91,73 @@ def loss_curves(records: Sequence[dict], names: Sequence[str] | None = None) -> 
             f"no values of {list(names)} in {len(records)} records to plot; pass the lines of "
             "metrics.jsonl (dicts with 'iteration' and the terms) after at least one iteration"
         )
-    fig = new_figure(7.0, 0.4 + 1.55 * len(series))
-    axes = fig.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (name, pts) in zip(axes, series):
-        x, y = pts[:, 0], pts[:, 1]
-        color = "black" if name == "total" else "tab:red"
-        window = max(1, len(y) // 20)
-        ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8, label="raw")
-        ax.plot(
-            x, smooth(y, window), color=color, linewidth=1.6, label=f"moving mean ({window} it.)"
-        )
-        if wants_log_scale(y):
-            ax.set_yscale("log")
-        else:  # 1.5 with "1e-4" above the axis, not 0.00015
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
-        ax.set_title(f"{name}   (last {y[-1]:.4g})", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper right", framealpha=0.8)
-    axes[-1].set_xlabel("iteration", fontsize=9)
+    cols = 1 if weights is None else 2
+    fig = new_figure(7.0 * (1 if cols == 1 else 1.6), 0.4 + 1.55 * len(series))
+    grid = fig.subplots(len(series), cols, sharex=True, squeeze=False)
+    for ax, (name, pts) in zip(grid[:, 0], series):
+        _curve(ax, name, pts[:, 0], pts[:, 1], log=wants_log_scale(pts[:, 1]))
+        if weights is not None:
+            ax.set_title(f"{name}, raw   (last {pts[-1, 1]:.4g})", fontsize=9)
+    if weights is not None:
+        _weighted_column(grid[:, 1], series, weights, records)
+    grid[0, 0].legend(fontsize=7, loc="upper right", framealpha=0.8)
+    for ax in grid[-1]:
+        ax.set_xlabel("iteration", fontsize=9)
     return fig
+
+
+def _curve(ax, name: str, x: np.ndarray, y: np.ndarray, *, log: bool, color=None) -> None:
+    """One term's panel: raw values faint, the moving mean on top."""
+    color = color or ("black" if name == "total" else "tab:red")
+    window = max(1, len(y) // 20)
+    ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8, label="raw")
+    ax.plot(x, smooth(y, window), color=color, linewidth=1.6, label=f"moving mean ({window} it.)")
+    if log:
+        ax.set_yscale("log")
+    else:  # 1.5 with "1e-4" above the axis, not 0.00015
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useMathText=True)
+    ax.set_title(f"{name}   (last {y[-1]:.4g})", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, alpha=0.3)
+
+
+def _weighted_column(axes, series, weights: dict[str, float], records: Sequence[dict]) -> None:
+    """``weight * value`` per term; the total's panel: every contribution and the total."""
+    terms = [(n, pts) for n, pts in series if n != "total"]
+    at = {r["iteration"]: r for r in records}
+
+    def weight(name: str, it: float) -> float:
+        return float(at[it].get(f"weight.{name}", weights[name]))
+
+    def label(name: str) -> str:
+        used = {weight(name, it) for it in at if _number(at[it].get(name))}
+        return f"{used.pop():g} x {name}" if len(used) == 1 else f"w x {name}"
+
+    for ax, (name, pts) in zip(axes, series):
+        if name == "total":
+            continue
+        contribution = np.array([weight(name, it) * v for it, v in pts])
+        _curve(ax, name, pts[:, 0], contribution, log=False, color="tab:blue")
+        ax.set_title(f"{label(name)}   (last {contribution[-1]:.4g})", fontsize=9)
+    total = dict(series).get("total")
+    if total is None:
+        return
+    ax = axes[[n for n, _ in series].index("total")]
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    x = total[:, 0]
+    summed = np.zeros_like(x)
+    for i, (name, _) in enumerate(terms):
+        v = np.array(
+            [weight(name, it) * at[it][name] if _number(at[it].get(name)) else 0.0 for it in x]
+        )
+        summed += v
+        ax.plot(x, v, color=colors[i % len(colors)], linewidth=1.0, label=label(name))
+    ax.plot(x, total[:, 1], color="black", linewidth=1.6, label="total")
+    gap = float(np.abs(summed - total[:, 1]).max())
+    ax.set_title(f"total = sum of the weighted terms (max gap {gap:.2g})", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best", framealpha=0.8, ncols=2)
 
 
 def success_vs_scale(

@@ -88,39 +88,65 @@ def attention_maps(
     maps: Sequence[tuple[str, torch.Tensor] | torch.Tensor],
     token: str,
     *,
+    clean: torch.Tensor | None = None,
+    clean_maps: Sequence[tuple[str, torch.Tensor]] | None = None,
     cmap: str = "jet",
     alpha: float = 0.55,
 ) -> Figure:
     """The image, then one panel per map: the map upsampled (bilinear) over the image, with a
     colour bar of its values; the token's text in the figure title and every panel's.
 
+    With ``clean`` and ``clean_maps`` (the same maps of the image without the patch) a first
+    row shows them above the patched row, each column on one colour scale for both rows, so
+    what the patch did to the word's attention reads at a glance.
+
     Args:
-        image: ``(3, H, W)`` in [0, 1].
+        image: ``(3, H, W)`` in [0, 1] (the patched image).
         maps: ``(title, (h, w) tensor)`` pairs, e.g. one per denoising step then ``"mean"``
             (a bare ``(h, w)`` tensor is titled ``"map i"``); values as they are (attention
-            probabilities), each panel on its own colour scale.
+            probabilities), each column on its own colour scale.
         token: the word (or token text) whose attention the maps are.
+        clean: ``(3, H, W)`` in [0, 1]; clean_maps: pairs with the same titles as ``maps``.
     """
-    check_lengths(maps=maps)
+    n = check_lengths(maps=maps)
     maps = _titled(maps)
-    rgb = image_array(image)
-    h, w = rgb.shape[:2]
+    if (clean is None) != (clean_maps is None):
+        raise InputError("pass clean= and clean_maps= together (the clean row), or neither")
+    rows = [("patched image", image, maps)]
+    if clean is not None:
+        clean_maps = _titled(clean_maps)
+        if [t for t, _ in clean_maps] != [t for t, _ in maps]:
+            raise InputError(
+                f"clean_maps titles {[t for t, _ in clean_maps]} differ from maps titles "
+                f"{[t for t, _ in maps]}; pass the clean image's maps of the same steps"
+            )
+        rows.insert(0, ("clean image", clean, clean_maps))
     colors = _colormap(cmap)
-    n = len(maps) + 1
-    fig = new_figure(0.4 + 2.35 * n, 2.75)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    axes[0].imshow(rgb, interpolation="nearest")
-    axes[0].set_title("patched image", fontsize=9)
-    extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # the map's cells cover the image's pixels
-    for ax, (title, amap) in zip(axes[1:], maps):
-        m = _map(amap, f"map {title!r}").numpy()
-        ax.imshow(rgb, interpolation="nearest")
-        shown = ax.imshow(m, cmap=colors, alpha=alpha, extent=extent, interpolation="bilinear")
-        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
-        bar.ax.tick_params(labelsize=7)
-        bar.formatter.set_powerlimits((-2, 3))
-        ax.set_title(f"'{token}' {title}", fontsize=9)
-    for ax in axes:
+    fig = new_figure(0.4 + 2.35 * (n + 1), 0.35 + 2.4 * len(rows))
+    grid = fig.subplots(len(rows), n + 1, squeeze=False)
+    columns = [
+        [_map(row[2][j][1], f"map {row[2][j][0]!r}").numpy() for row in rows] for j in range(n)
+    ]
+    for r, (label, img, row_maps) in enumerate(rows):
+        rgb = image_array(img)
+        h, w = rgb.shape[:2]
+        extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # the map's cells cover the image's pixels
+        grid[r, 0].imshow(rgb, interpolation="nearest")
+        grid[r, 0].set_title(label, fontsize=9)
+        for j, (title, _) in enumerate(row_maps):
+            ax, m = grid[r, j + 1], columns[j][r]
+            lo = min(float(c.min()) for c in columns[j])
+            hi = max(float(c.max()) for c in columns[j])
+            ax.imshow(rgb, interpolation="nearest")
+            shown = ax.imshow(
+                m, cmap=colors, alpha=alpha, extent=extent, interpolation="bilinear",
+                vmin=lo, vmax=hi,
+            )  # fmt: skip
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+            bar.ax.tick_params(labelsize=7)
+            bar.formatter.set_powerlimits((-2, 3))
+            ax.set_title(f"'{token}' {title}", fontsize=9)
+    for ax in grid.flat:
         ax.set_axis_off()
     fig.suptitle(f"cross-attention of '{token}'", fontsize=10)
     return fig

@@ -4,11 +4,22 @@ gradients of the plain computation ("fast"), record each map once, and leave not
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import attnpatch as ap
-from attnpatch.diffusion import MEMORY_MODES, ddim_denoise, ddim_invert, vae_encode
+from attnpatch.diffusion import (
+    MEMORY_MODES,
+    AttentionPipeline,
+    ddim_denoise,
+    ddim_invert,
+    vae_encode,
+)
 from attnpatch.diffusion._memory import block_checkpointing, resolve_memory
 from attnpatch.errors import AttnPatchError
 from attnpatch.hooks import is_hijacked
@@ -203,3 +214,91 @@ def test_memory_argument_and_defaults(deep):
         ap.AttentionPipeline(deep, memory="fast", checkpoint=True, **kw)
     with pytest.raises(AttnPatchError, match="contradicts"), pytest.warns(FutureWarning):
         ap.AttentionPipeline(deep, memory="low", checkpoint=False, **kw)
+
+
+# --------------------------------------------------------------------------- glibc's heaps
+
+_RETAINED = """
+import sys
+import torch
+from attnpatch.diffusion._memory import return_freed_memory
+
+print(return_freed_memory() if sys.argv[1] == "1" else None)
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+big = torch.ones(16 * 2**20 // 4)
+del big  # a freed 16 MiB mapping: glibc's dynamic mmap threshold climbs to 16 MiB
+base = rss_mib()
+blocks = [torch.ones(4 * 2**20 // 4) for _ in range(50)]  # 50 x 4 MiB, touched
+pin = torch.ones(256 * 1024 // 4)  # from the heap's top, above them: the heap cannot shrink
+del blocks
+print(round(rss_mib() - base))
+"""
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+def test_low_mode_on_the_cpu_returns_freed_blocks_to_the_os():
+    """glibc's default keeps 200 MiB of freed 4 MiB blocks in its heap; after
+    return_freed_memory() (what the low mode calls on the CPU) they go back to the OS."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.pop("ATTNPATCH_MALLOC", None)
+
+    def retained(tuned: str) -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", _RETAINED, tuned], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    default = retained("0")
+    assert int(default[1]) >= 150  # the test can fail: glibc's default keeps them
+    assert retained("1") == ["True", "0"]
+
+
+def test_return_freed_memory_leaves_a_users_choice_alone(monkeypatch):
+    """ATTNPATCH_MALLOC=0, or the user's own MALLOC_* variables: glibc is not touched; else
+    one mallopt(M_MMAP_THRESHOLD, 64 KiB) call, once per process."""
+    from attnpatch.diffusion import _memory
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(_memory.ctypes, "CDLL", lambda name: Libc())
+    monkeypatch.setattr(_memory, "_glibc", lambda: True)
+    for env, expected in (
+        ({"ATTNPATCH_MALLOC": "0"}, False),
+        ({"ATTNPATCH_MALLOC": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"}, False),
+        ({"ATTNPATCH_MALLOC": "1", "MALLOC_TRIM_THRESHOLD_": "0"}, False),
+        ({"ATTNPATCH_MALLOC": "1"}, True),
+    ):
+        monkeypatch.setattr(_memory, "_malloc_state", {})
+        for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert _memory.return_freed_memory() is expected, env
+        assert _memory.return_freed_memory() is expected  # once: the state is kept
+    assert calls == [(-3, 64 * 1024)]
+
+
+def test_the_low_mode_calls_it_on_the_cpu_only(monkeypatch, sd15):
+    import attnpatch.diffusion.pipeline as pipeline_mod
+
+    calls = []
+    monkeypatch.setattr(pipeline_mod, "return_freed_memory", lambda: calls.append(1) or True)
+    images = torch.rand(1, 3, 32, 32)
+    for memory, expected in (("fast", 0), ("balanced", 0), ("low", 1)):
+        pipe = AttentionPipeline(sd15, num_inference_steps=4, num_steps=1, memory=memory)
+        with torch.no_grad():
+            pipe(images, ["a photo of a cat"])
+        assert len(calls) == expected, memory

@@ -1,4 +1,4 @@
-"""Fixtures of the model-layer tests: a private cache and registries restored after each test."""
+"""Fixtures of the model-layer tests: registries restored after each test."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from attnpatch.models import registry
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """A private cache folder and registries restored after each test."""
-    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path / "cache"))
+def _isolated(monkeypatch):
+    """Registries restored after each test (the caches are the session's: tests/conftest.py;
+    a test of the cache itself points $ATTNPATCH_CACHE at its own folder)."""
     monkeypatch.setattr(registry, "_CLASSIFIERS", dict(registry._CLASSIFIERS))
     monkeypatch.setattr(registry, "_DIFFUSION", dict(registry._DIFFUSION))
 

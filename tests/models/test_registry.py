@@ -83,8 +83,8 @@ def test_registry_errors(bn_net):
         load_classifier(42)
     with pytest.raises(ModelError, match="unknown diffusion stack 'tiny-sd4'.*tiny-sd3"):
         load_diffusion("tiny-sd4")
-    with pytest.raises(ModelError, match="hub id.*huggingface-cli download"):
-        load_diffusion("stabilityai/stable-diffusion-2-1-base")
+    with pytest.raises(ModelError, match="hf download stabilityai/stable-diffusion-2-1-base"):
+        load_diffusion("stabilityai/stable-diffusion-2-1-base")  # offline, not in the tmp cache
 
 
 def test_registered_diffusion_factory_gets_kwargs_and_name_checks(sd15):

@@ -49,6 +49,7 @@ def test_freshly_trained_tiny_classifier_has_no_stale_gradients(monkeypatch, tmp
 
 
 def test_tiny_classifier_cache_hit_deterministic_atomic(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path / "cache"))  # a cache of its own
     cfg = ShapesConfig(train_per_class=12, heldout_per_class=2, size=16)
     calls = []
     real = shapes_mod.train_tiny_classifier
@@ -116,8 +117,7 @@ def test_train_tiny_classifier_needs_training_images():
 
 @pytest.fixture(scope="module")
 def tinies():
-    """The three default tiny classifiers, from the session cache (set up before the private
-    per-test cache of tests/models/conftest.py)."""
+    """The three default tiny classifiers, from the session cache (tests/conftest.py)."""
     return {name: load_classifier(name) for name in TINY_CLASSIFIERS}
 
 
@@ -170,7 +170,8 @@ def test_cache_keys_distinct_and_tiny_key_unchanged():
 
 
 @pytest.mark.parametrize("arch", ["tiny-b", "tiny-c"])
-def test_tiny_b_c_cache_round_trip(arch, tmp_path):
+def test_tiny_b_c_cache_round_trip(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNPATCH_CACHE", str(tmp_path / "cache"))  # a cache of its own
     cfg = ShapesConfig(train_per_class=6, heldout_per_class=2, size=16)
     state = torch.get_rng_state()
     first = load_classifier(arch, config=cfg)

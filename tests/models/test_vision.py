@@ -1,6 +1,6 @@
 """Real torchvision and timm classifiers (random weights, nothing downloaded): loading, the
-normalisation, local weights, weights names, training a patch at 224 px, ``attnpatch apply``
-and ``attnpatch evaluate``.
+normalisation, local weights, weights names and timm's pretrained=True from their caches (built
+here by hand), training a patch at 224 px, ``attnpatch apply`` and ``attnpatch evaluate``.
 
 Run in ``.venv-vision`` (``bash .ci/setup vision``): ``.venv-vision/bin/python -m pytest -m
 vision tests/models/test_vision.py``. In ``.venv`` (no torchvision) the whole module skips.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ timm = pytest.importorskip("timm")
 import attnpatch as ap  # noqa: E402
 from attnpatch.cli import main  # noqa: E402
 from attnpatch.data import read_image  # noqa: E402
-from attnpatch.errors import AttnPatchError  # noqa: E402
+from attnpatch.errors import AttnPatchError, ModelError  # noqa: E402
 from attnpatch.models import (  # noqa: E402
     IMAGENET_MEAN,
     NormalizedClassifier,
@@ -167,15 +168,17 @@ def test_torchvision_local_weights_pth_and_safetensors(tmp_path):
         load_classifier("torchvision:resnet18", weights=tmp_path / "nope.pth")
 
 
-def test_torchvision_weights_name_is_never_downloaded(offline):
-    with pytest.raises(AttnPatchError) as err:
+def test_torchvision_weights_name_offline_and_not_cached_names_the_path(offline):
+    """HF_HUB_OFFLINE=1 (tests/conftest.py): a weights name whose file is not in torch hub's
+    cache is an error naming the file's URL and the path to put it at; nothing is fetched."""
+    with pytest.raises(ModelError) as err:
         load_classifier("torchvision:resnet50", weights="IMAGENET1K_V2")
     message = str(err.value)
     url = RESNET50_WEIGHTS.IMAGENET1K_V2.url
     cached = offline["home"] / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
-    assert "never downloads" in message and url in message and str(cached) in message
+    assert "HF_HUB_OFFLINE" in message and f"curl -L {url} -o {cached}" in message
     for name in ("DEFAULT", "ResNet50_Weights.IMAGENET1K_V1"):
-        with pytest.raises(AttnPatchError, match="never downloads"):
+        with pytest.raises(ModelError, match="not in torch hub's cache"):
             load_classifier("torchvision:resnet50", weights=name)
     with pytest.raises(AttnPatchError, match=r"neither a local file nor .*IMAGENET1K_V1"):
         load_classifier("torchvision:resnet50", weights="IMAGENET2K")
@@ -184,6 +187,31 @@ def test_torchvision_weights_name_is_never_downloaded(offline):
     with pytest.raises(AttnPatchError, match=r"no model 'resnet5'.*resnet50"):
         load_classifier("torchvision:resnet5")
     assert files_under(offline["home"]) == [] and offline["attempts"] == []
+
+
+def test_torchvision_weights_name_online_is_downloaded_into_torch_hubs_cache(offline, monkeypatch):
+    """Online, torchvision fetches a missing file into its cache (the download is simulated:
+    torch.hub's downloader writes a seeded state dict), then reads it from there."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    state = seeded(tv.models.resnet18, 5).state_dict()
+    downloads = []
+
+    def download(url, dst, *args, **kwargs):
+        downloads.append((url, dst))
+        torch.save(state, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    weights = tv.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = offline["home"] / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[1]
+    clf = load_classifier("torchvision:resnet18", weights="IMAGENET1K_V1")
+    assert [d[0] for d in downloads] == [weights.url] and cached.is_file()
+    assert tensors_equal(clf.model, state) and clf.classes == list(weights.meta["categories"])
+    again = load_classifier("torchvision:resnet18", weights="DEFAULT")  # from the cache now
+    assert len(downloads) == 1 and tensors_equal(again.model, state)
 
 
 def test_torchvision_weights_name_with_the_file_in_the_cache(offline):
@@ -230,9 +258,45 @@ def test_timm_vit_normalisation_from_its_pretrained_cfg(offline):
         load_classifier("timm:vit_small_patch16_224", num_classes=0)
     with pytest.raises(AttnPatchError, match=r"no model 'vit_smal_patch16_224'.*vit_small"):
         load_classifier("timm:vit_smal_patch16_224")
-    with pytest.raises(AttnPatchError, match=r"never downloads.*pretrained_cfg_overlay"):
-        load_classifier("timm:vit_small_patch16_224", pretrained=True)
     assert files_under(offline["home"]) == []
+
+
+def hf_cache_snapshot(repo_id: str, files: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """A snapshot in the Hugging Face cache ($HF_HUB_CACHE, a tmp folder: tests/conftest.py),
+    laid out as ``hf download`` writes it: ``models--org--name/refs/main`` naming the commit,
+    ``snapshots/<commit>/<file>``."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, tensors in files.items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(snapshot / name))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_timm_pretrained_reads_the_hugging_face_cache_offline(offline):
+    """timm's pretrained=True loads timm/<model>.<tag> from the HF cache, HF_HUB_OFFLINE=1."""
+    repo = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    assert repo == "timm/resnet18.a1_in1k"
+    with pytest.raises(ModelError) as err:  # not cached yet: names hf download and the path
+        load_classifier("timm:resnet18", pretrained=True)
+    message = str(err.value)
+    assert f"`hf download {repo} model.safetensors`" in message
+    assert "models--timm--resnet18.a1_in1k" in message and "huggingface-cli" not in message
+    torch.manual_seed(6)
+    state = timm.create_model("resnet18").state_dict()
+    hf_cache_snapshot(repo, {"model.safetensors": state})
+    clf = load_classifier("timm:resnet18", pretrained=True)
+    assert tensors_equal(clf.model, state) and clf.num_classes == 1000
+    three = load_classifier("timm:resnet18", pretrained=True, num_classes=3)  # a new head
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    assert all(torch.equal(three.model.state_dict()[k], v) for k, v in body.items())
+    assert three.num_classes == 3
+    assert offline["attempts"] == []
 
 
 def test_timm_local_weights_and_the_pretrained_cfg_overlay_recipe(tmp_path):

@@ -18,6 +18,8 @@ from attnpatch import AdversarialPatch
 from attnpatch.training import load_config
 from attnpatch.training.run import build_patch
 
+pytestmark = pytest.mark.slow  # real `attnpatch train` processes
+
 K = 2
 ARGS = [
     "train",

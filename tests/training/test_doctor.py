@@ -184,3 +184,5 @@ def test_doctor_cli_on_the_tiny_default(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "0 failed" in out and "PASS  gradient flow: inverted latent" in out
+    first = out.splitlines()[0]  # the environment, before the checks
+    assert first.startswith("environment: attnpatch ") and f"torch {torch.__version__}" in first

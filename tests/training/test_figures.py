@@ -6,6 +6,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +19,7 @@ from attnpatch.training import load_config, run_training, success_by_scale
 from attnpatch.training.evaluate import SCALES, at_scale
 from attnpatch.training.figures import class_names, write_figures
 from attnpatch.training.run import load_datasets
-from attnpatch.training.terms import term_names
+from attnpatch.training.trainer import attention_pipeline
 
 FIGURES = [
     "patch.png",
@@ -62,13 +63,15 @@ def test_run_folder_figures_exist_open_and_have_their_figures_size(run):
             sizes[name] = im.size
     # the sizes of the same figures drawn again from the run's own data
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = [t for t in term_names() if any(r[t] is not None for r in records)]
-    curves = viz.loss_curves(records, [*term_names(), "total"])
-    assert len(curves.axes) == len(logged) + 1  # every logged term, then the total
+    weights = json.loads((out / "config.json").read_text())["weights"]  # the run's terms
+    logged = [t for t, w in weights.items() if w and any(r[t] is not None for r in records)]
+    curves = viz.loss_curves(records, weights=weights)
+    assert len(curves.axes) == 2 * (len(logged) + 1)  # each logged term, the total; 2 columns
     assert sizes["loss_curves.png"] == _size(curves)
     image = torch.rand(3, 32, 32)
     steps = [(f"step {i}", torch.rand(4, 4)) for i in range(2)]  # attention.num_steps = 2
-    attention = viz.attention_maps(image, [*steps, ("mean", torch.rand(4, 4))], "circle")
+    maps = [*steps, ("mean", torch.rand(4, 4))]
+    attention = viz.attention_maps(image, maps, "circle", clean=image, clean_maps=maps)
     assert sizes["attention.png"] == _size(attention)
     six = viz.examples(torch.rand(6, 3, 32, 32), list("abcdef"), list("abcdef"))
     assert sizes["examples.png"] == _size(six)
@@ -94,10 +97,28 @@ def test_the_figures_show_the_runs_predictions_and_attention(run, monkeypatch, t
     names = [trainer.classes[int((trainer.logit_index == p).nonzero())] for p in predicted]
     shown = [ax.get_xlabel() for ax in drawn["examples.png"].axes]
     assert shown == [f"pred: {p}\ntrue: {trainer.classes[y]}" for p, y in zip(names, labels[:n])]
-    # attention: the image, then one map per attention step and the mean, each with a bar
+    # attention: the clean image above the patched one, each with one map per attention step
+    # and the mean, each with a bar; the clean row is the pipeline's maps of the clean image
     attention = drawn["attention.png"]
-    assert len(attention.axes) == 1 + 2 * (trainer.config.attention.num_steps + 1)
+    maps = trainer.config.attention.num_steps + 1
+    assert len(attention.axes) == 2 * (1 + 2 * maps)
     assert f"'{trainer.classes[int(labels[0])]}'" in attention.get_suptitle()
+    clean_shown = [ax for ax in attention.axes if ax.get_title() == "clean image"][0]
+    np.testing.assert_allclose(
+        clean_shown.get_images()[0].get_array(), images[0].permute(1, 2, 0).numpy(), atol=1e-6
+    )
+    pipe = trainer.attention or attention_pipeline(trainer.config, trainer.parts)
+    label = int(labels[0])
+    with torch.no_grad():
+        result = pipe(images[:1], [trainer.prompts[label]])
+    mean = result.cross_maps(pipe.cross_resolution)[0, ..., trainer.tokens[label]].mean(-1)
+    clean_mean = [ax for ax in attention.axes if ax.get_title().endswith(" mean")][0]
+    np.testing.assert_allclose(clean_mean.get_images()[1].get_array(), mean, rtol=1e-5)
+    # loss curves: raw and weighted columns, with the config's weights
+    curves = drawn["loss_curves.png"]
+    titles = [ax.get_title() for ax in curves.axes]
+    w = trainer.config.weights
+    assert any(t.startswith(f"{w.classifier:g} x classifier") for t in titles)
     lines = drawn["success_vs_scale.png"].axes[0].get_lines()
     assert [list(line.get_xdata()) for line in lines] == [list(SCALES)] * 2
 

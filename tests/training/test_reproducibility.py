@@ -16,7 +16,9 @@ import torch
 
 from attnpatch import AdversarialPatch
 
-ITERATIONS = 30
+pytestmark = pytest.mark.slow  # real `attnpatch train` processes
+
+ITERATIONS = 15
 ARGS = [
     "train",
     "--quiet",
@@ -96,7 +98,7 @@ def test_one_config_gives_one_run(reference, tmp_path):
     finish(start(tmp_path / "again", threads=2))
     assert_same_run(reference, tmp_path / "again")
     # the draws do depend on the seed (the test could fail)
-    finish(start(tmp_path / "other", "--train.seed", "6"))
+    finish(start(tmp_path / "other", "--train.seed", "6", "--train.iterations", "2"))
     assert not torch.equal(outcome(reference)[0], outcome(tmp_path / "other")[0])
 
 

@@ -84,6 +84,60 @@ def test_loss_curves_default_names_and_errors():
         viz.loss_curves([])
 
 
+def test_loss_curves_with_weights_raw_beside_weighted_and_the_total_adds_up():
+    """weights: a second column with weight * value per term; the total's row there draws
+    every contribution, and they sum to the logged total."""
+    rng = np.random.default_rng(1)
+    weights = {"ce": 10.0, "attn": 1000.0, "off": 0.0, "tv": 2.5}
+    records = []
+    for i in range(30):
+        r = {"iteration": i, "step": False, "counter": 0, "success": 0.5, "off": None}
+        r.update(ce=float(-rng.random()), attn=float(rng.random() * 1e-3), tv=None)
+        if i % 3:
+            r["tv"] = float(rng.random())  # not computed every iteration: 0 in the sum
+        r["total"] = sum(weights[k] * r[k] for k in ("ce", "attn", "tv") if r[k] is not None)
+        records.append(r)
+    fig = viz.loss_curves(records, weights=weights)
+    grid = np.array(fig.axes).reshape(4, 2)  # ce, attn, tv, total; raw | weighted
+    assert [ax.get_title().split(",")[0] for ax in grid[:, 0]] == ["ce", "attn", "tv", "total"]
+    for row, name in enumerate(["ce", "attn", "tv"]):
+        raw = grid[row, 0].get_lines()[0]
+        weighted = grid[row, 1].get_lines()[0]
+        np.testing.assert_allclose(weighted.get_ydata(), weights[name] * raw.get_ydata())
+        assert grid[row, 1].get_title().startswith(f"{weights[name]:g} x {name}")
+    lines = grid[3, 1].get_lines()
+    assert [line.get_label() for line in lines] == ["10 x ce", "1000 x attn", "2.5 x tv", "total"]
+    parts = np.sum([line.get_ydata() for line in lines[:-1]], axis=0)
+    np.testing.assert_allclose(parts, lines[-1].get_ydata(), rtol=1e-12)  # it adds up
+    assert "max gap" in grid[3, 1].get_title()
+    assert "success" not in " ".join(ax.get_title() for ax in fig.axes)  # not a term
+    assert "off" not in [ax.get_title().split(",")[0] for ax in grid[:, 0]]  # weight 0
+
+
+def test_attention_maps_clean_row_above_the_patched_on_shared_scales():
+    clean, patched = torch.rand(3, 16, 16), torch.rand(3, 16, 16)
+    maps = [("step 0", torch.rand(4, 4)), ("mean", torch.rand(4, 4) * 2)]
+    clean_maps = [("step 0", torch.rand(4, 4) * 3), ("mean", torch.rand(4, 4))]
+    fig = viz.attention_maps(patched, maps, "star", clean=clean, clean_maps=clean_maps)
+    panels = _panels(fig)
+    assert len(panels) == 2 * (1 + len(maps))
+    assert [panels[0].get_title(), panels[3].get_title()] == ["clean image", "patched image"]
+    np.testing.assert_allclose(_images(panels[0])[0].get_array(), clean.permute(1, 2, 0))
+    np.testing.assert_allclose(_images(panels[3])[0].get_array(), patched.permute(1, 2, 0))
+    for j in range(len(maps)):
+        top, bottom = _images(panels[1 + j])[1], _images(panels[4 + j])[1]
+        np.testing.assert_allclose(top.get_array(), clean_maps[j][1])
+        np.testing.assert_allclose(bottom.get_array(), maps[j][1])
+        both = torch.stack([clean_maps[j][1], maps[j][1]])
+        for shown in (top, bottom):  # one colour scale per column
+            assert shown.norm.vmin == pytest.approx(float(both.min()))
+            assert shown.norm.vmax == pytest.approx(float(both.max()))
+    with pytest.raises(InputError, match="together"):
+        viz.attention_maps(patched, maps, "star", clean=clean)
+    with pytest.raises(InputError, match="same steps"):
+        viz.attention_maps(patched, maps, "star", clean=clean, clean_maps=clean_maps[:1])
+
+
 def test_attention_maps_one_panel_and_colour_bar_per_map():
     image = torch.rand(3, 24, 16)
     maps = [
