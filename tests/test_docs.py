@@ -80,16 +80,12 @@ def run_block(block: Block, namespace: dict) -> None:
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_docs_python_blocks_run(path, monkeypatch):
-    """Each file's blocks in order, in one namespace, in a temporary cwd (tests/conftest.py)."""
+def test_docs_python_blocks_run(path, registries):
+    """Each file's blocks in order, in one namespace, in a temporary cwd (tests/conftest.py);
+    a page may register models: the registries are restored afterwards."""
     import matplotlib
 
-    from attnpatch.models import registry
-
     matplotlib.use("Agg")
-    # a page may register models: the registries are restored afterwards
-    monkeypatch.setattr(registry, "_CLASSIFIERS", dict(registry._CLASSIFIERS))
-    monkeypatch.setattr(registry, "_DIFFUSION", dict(registry._DIFFUSION))
     found = blocks(path)
     if not found:
         pytest.skip("no python blocks")

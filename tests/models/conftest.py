@@ -10,11 +10,14 @@ from attnpatch.models import registry
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """Registries restored after each test (the caches are the session's: tests/conftest.py;
-    a test of the cache itself points $ATTNPATCH_CACHE at its own folder)."""
-    monkeypatch.setattr(registry, "_CLASSIFIERS", dict(registry._CLASSIFIERS))
-    monkeypatch.setattr(registry, "_DIFFUSION", dict(registry._DIFFUSION))
+def _isolated():
+    """Registries restored after each test, before the root conftest's check that they were
+    (the caches are the session's: tests/conftest.py; a test of the cache itself points
+    $ATTNPATCH_CACHE at its own folder)."""
+    saved = registry._CLASSIFIERS, registry._DIFFUSION
+    registry._CLASSIFIERS, registry._DIFFUSION = dict(saved[0]), dict(saved[1])
+    yield
+    registry._CLASSIFIERS, registry._DIFFUSION = saved
 
 
 def _bn_net(num_classes: int = 4) -> nn.Module:

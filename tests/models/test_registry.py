@@ -19,7 +19,7 @@ from attnpatch.models import (
 from attnpatch.models import registry as registry_mod
 
 
-def test_doctests():
+def test_doctests(registries):
     result = doctest.testmod(registry_mod)
     assert result.attempted > 0 and result.failed == 0
     assert "linear-demo" in classifier_names()  # the doctest's registration (undone after)

@@ -17,7 +17,7 @@ from attnpatch import viz
 from attnpatch.errors import InputError
 from attnpatch.training import load_config, run_training, success_by_scale
 from attnpatch.training.evaluate import SCALES, at_scale
-from attnpatch.training.figures import class_names, write_figures
+from attnpatch.training.figures import class_names, loss_weights, write_figures
 from attnpatch.training.run import load_datasets
 from attnpatch.training.trainer import attention_pipeline
 
@@ -54,6 +54,12 @@ def _size(fig) -> tuple[int, int]:
     return round(width * viz.DPI), round(height * viz.DPI)
 
 
+def _weights_of(out):
+    """The run's [weights] section as it was written (None: the mode's default)."""
+    section = json.loads((out / "config.json").read_text())["weights"]
+    return {k: v for k, v in section.items() if v is not None}
+
+
 def test_run_folder_figures_exist_open_and_have_their_figures_size(run):
     out, trainer = run.out_dir, run.trainer
     sizes = {}
@@ -63,7 +69,8 @@ def test_run_folder_figures_exist_open_and_have_their_figures_size(run):
             sizes[name] = im.size
     # the sizes of the same figures drawn again from the run's own data
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    weights = json.loads((out / "config.json").read_text())["weights"]  # the run's terms
+    cfg = load_config(None, {"weights." + k: v for k, v in _weights_of(out).items()})
+    weights = loss_weights(cfg)  # the run's terms, each None resolved to its mode's default
     logged = [t for t, w in weights.items() if w and any(r[t] is not None for r in records)]
     curves = viz.loss_curves(records, weights=weights)
     assert len(curves.axes) == 2 * (len(logged) + 1)  # each logged term, the total; 2 columns
@@ -117,8 +124,12 @@ def test_the_figures_show_the_runs_predictions_and_attention(run, monkeypatch, t
     # loss curves: raw and weighted columns, with the config's weights
     curves = drawn["loss_curves.png"]
     titles = [ax.get_title() for ax in curves.axes]
-    w = trainer.config.weights
-    assert any(t.startswith(f"{w.classifier:g} x classifier") for t in titles)
+    # share mode: the weights move with the norms; each point is weight.<term> x the raw value
+    assert any(t.startswith("w x classifier") for t in titles)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    weighted = [ax for ax in curves.axes if ax.get_title().startswith("w x classifier")][0]
+    expected = [r["weight.classifier"] * r["classifier"] for r in records]
+    np.testing.assert_allclose(weighted.get_lines()[0].get_ydata(), expected, rtol=1e-6)
     lines = drawn["success_vs_scale.png"].axes[0].get_lines()
     assert [list(line.get_xdata()) for line in lines] == [list(SCALES)] * 2
 
