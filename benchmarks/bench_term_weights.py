@@ -6,8 +6,14 @@ on a busy machine hits all alike. Each timed iteration is the trainer's forward 
 ``backward`` (no optimizer step). Modes:
 
 * ``sum``: ``weights.mode sum``, ``measure_every 0`` (one backward of the weighted sum);
-* ``share``: the default (a backward per term every 4th iteration, one backward otherwise);
-* ``share, measuring``: a measuring iteration alone (``measure_every 1``);
+* ``share``: the default (``exact cheap``: the classifier and l2 terms each get their own
+  backward every iteration (no UNet in them); the attention terms a backward each every 4th
+  iteration and one shared backward otherwise);
+* ``share, measuring``: every iteration a measuring one (``measure_every 1``);
+* ``share, exact all``: every term its own backward every iteration (``exact all``).
+
+Time is the process's CPU time (``time.process_time``, one thread), so other jobs on a busy
+machine do not enter the ratios.
 
 Reported: the median seconds per iteration and the ratio to ``sum``. The SD 2 base sized
 row comes from ``bench_sd_scale.py --weights-mode share`` (docs/performance.md).
@@ -32,6 +38,7 @@ MODES = {
     "sum": {"weights.mode": "sum", "weights.measure_every": 0},
     "share": {},
     "share, measuring": {"weights.measure_every": 1},
+    "share, exact all": {"weights.exact": "all"},
 }
 
 
@@ -50,15 +57,15 @@ def main() -> None:
             images, labels = data[i % len(data)]
             for name, trainer in trainers.items():
                 trainer.iteration = i
-                start = time.perf_counter()
+                start = time.process_time()
                 out = trainer.forward(images[None], torch.tensor([labels]), [i % len(data)])
                 trainer.backward(out)
-                elapsed = time.perf_counter() - start
+                elapsed = time.process_time() - start
                 trainer.patch.pixels.grad = None
                 if i >= 4:  # warm-up
                     times[name].append(elapsed)
     base = statistics.median(times["sum"])
-    print(f"Machine: {machine()}; torch {torch.__version__}, 1 thread")
+    print(f"Machine: {machine()}; torch {torch.__version__}, 1 thread, CPU time")
     print("| mode | s/iteration (median) | ratio to sum |")
     print("|---|---:|---:|")
     for name, t in times.items():

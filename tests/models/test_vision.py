@@ -421,8 +421,13 @@ def test_training_a_patch_against_resnet50_then_attnpatch_apply(tmp_path, shapes
     expected = (expected * 255).round() / 255
     assert got.shape == (3, 224, 224) and mask.sum() > 0
     torch.testing.assert_close(got[None], expected, rtol=0, atol=1e-6)
-    with torch.no_grad():  # the classifier sees the CLI's file as it sees the patched tensor
-        torch.testing.assert_close(trainer.classifier(got[None]), trainer.classifier(expected))
+    # the classifier sees the CLI's file as it sees the patched tensor: the pixels agree to
+    # 1e-6 (the 8-bit rounding), which 50 layers amplify to ~2e-5 in logits of size ~6
+    # (measured on CI's torch 2.14.1 build); a wrong application moves them by whole units
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trainer.classifier(got[None]), trainer.classifier(expected), rtol=1e-5, atol=1e-4
+        )
 
 
 def test_training_a_patch_against_timm_vit(shapes_parts):
