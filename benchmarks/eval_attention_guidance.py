@@ -208,6 +208,17 @@ def settings() -> dict[str, dict[str, Any]]:
                 self_attention=s,
             )
             out[name]["overrides"].update({"attack.loss": "cw", "attack.kappa": kappa})
+    for c, x, s in ((0.45, 0.2, 0.35), (0.4, 0.2, 0.4)):  # repel with more weight on self
+        add(
+            f"hybrid {c:g}/{x:g}/{s:g} repel",
+            "hybrid",
+            "repel",
+            mode="share",
+            exact="cheap",
+            classifier=c,
+            cross_attention=x,
+            self_attention=s,
+        )
     for c, x, s in ((0.5, 0.25, 0.25), (0.3, 0.35, 0.35)):
         add(
             f"upgrad {c:g}/{x:g}/{s:g} variance",
