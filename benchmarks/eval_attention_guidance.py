@@ -208,7 +208,13 @@ def settings() -> dict[str, dict[str, Any]]:
                 self_attention=s,
             )
             out[name]["overrides"].update({"attack.loss": "cw", "attack.kappa": kappa})
-    for c, x, s in ((0.45, 0.2, 0.35), (0.4, 0.2, 0.4)):  # repel with more weight on self
+    for c, x, s in (
+        (0.45, 0.2, 0.35),
+        (0.4, 0.2, 0.4),
+        (0.35, 0.3, 0.35),
+        (0.35, 0.25, 0.4),
+        (0.3, 0.3, 0.4),
+    ):  # repel, more self
         add(
             f"hybrid {c:g}/{x:g}/{s:g} repel",
             "hybrid",
@@ -532,15 +538,27 @@ def figure(rows, path: Path) -> None:
     colours = {
         "hybrid": "C6",
         "share": "C0",
+        "share variants": "C4",
         "sum": "C1",
+        "cw margin": "C5",
         "attention-only": "C2",
         "torchjd": "C3",
-        "base": "k",
-        "base-sum": "0.5",
+        "classifier only": "k",
     }
-    fig = Figure(figsize=(13, 11), layout="constrained")
-    axes = fig.subplots(3, 3)
-    for col, mode in enumerate(MODES):
+
+    def colour(kind: str) -> str:
+        if kind.startswith("base"):
+            return colours["classifier only"]
+        if kind.startswith("cw"):
+            return colours["cw margin"]
+        if kind.startswith("share-"):
+            return colours["share variants"]
+        return colours.get(kind, "C7")
+
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or ["variance"]
+    fig = Figure(figsize=(4.4 * len(modes), 11), layout="constrained")
+    axes = fig.subplots(3, len(modes), squeeze=False)
+    for col, mode in enumerate(modes):
         mine = [r for r in rows if r["mode"] in (mode,) or r["kind"].startswith("base")]
         what = {
             "variance": "label-map variance",
@@ -565,7 +583,7 @@ def figure(rows, path: Path) -> None:
                     xerr=r[xk][1],
                     yerr=r[yk][1],
                     fmt="o",
-                    color=colours.get(r["kind"], "C4"),
+                    color=colour(r["kind"]),
                     ms=4,
                     lw=0.8,
                     capsize=2,
@@ -589,7 +607,7 @@ def figure(rows, path: Path) -> None:
                     xerr=r["success"][1],
                     yerr=r[victim][1],
                     fmt=marker,
-                    color=colours.get(r["kind"], "C4"),
+                    color=colour(r["kind"]),
                     ms=4,
                     lw=0.8,
                     capsize=2,
