@@ -63,6 +63,7 @@ def assert_environment(env):
     assert env["diffusers"] == diffusers.__version__
     assert env["transformers"] == transformers.__version__
     assert env["attnpatch"] == ap.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     head = subprocess.run(
         ["git", "-C", str(Path(ap.__file__).parents[1]), "rev-parse", "HEAD"],
         capture_output=True,

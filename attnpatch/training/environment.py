@@ -48,9 +48,20 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def _cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, Any]:
     """``{"attnpatch", "git_commit", "git_dirty", "python", "platform", "torch", "cuda",
-    <each of PACKAGES>}``: versions as installed (``None`` when a package is absent);
+    "cpu_capability", "cpu", <each of PACKAGES>}``: versions as installed (``None`` when a package is absent);
     ``git_commit`` is the commit of the checkout attnpatch is imported from (an editable
     install), ``None`` outside one, and ``git_dirty`` whether tracked files differ from it."""
     commit = _git("rev-parse", "HEAD")
@@ -63,6 +74,10 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        # the CPU's vector extension picks torch's float kernels (results can differ between
+        # AVX2 and AVX512 machines at equal package versions: docs/training.md)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": _cpu_model(),
     }
     for name in PACKAGES:
         try:
@@ -80,6 +95,8 @@ def describe_environment(env: dict[str, Any] | None = None) -> str:
     if env.get("git_dirty"):
         git += ", modified"
     build = f"CUDA {env['cuda']}" if env.get("cuda") else "CPU"
+    if env.get("cpu_capability"):
+        build += f", {env['cpu_capability']}"
     parts = [f"attnpatch {env['attnpatch']} ({git})", f"torch {env['torch']} ({build})"]
     parts += [f"{k} {env[k]}" for k in PACKAGES if env.get(k)]
     parts.append(f"python {env['python']}")
