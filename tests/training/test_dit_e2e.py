@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import attnpatch as ap
+from attnpatch._util import num_threads
 from attnpatch.cli import main
 from attnpatch.diffusion import encode_prompt, flow_denoise, flow_invert, token_indices, vae_encode
 from attnpatch.images import to_diffusion_input
@@ -48,6 +49,13 @@ FAST = [
     "--eval.examples", "2",
 ]  # fmt: skip
 TERMS = ("classifier", "cross_attention", "self_attention", "l2")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread, as ``--train.threads 1`` gives the CLI runs (the CI has 2 cores)."""
+    with num_threads(1):
+        yield
 
 
 def _train(out: Path, stack: str, iterations: int, *extra: str) -> int:
