@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .._util import as_pair
-from ..errors import AttnPatchError, InputError
+from ..errors import AttnPatchError, InputError, ModelError
 from ..families import family_of
 from ..hooks import (
     AttentionControl,
@@ -145,6 +145,12 @@ class AttentionPipeline:
         net = parts.denoiser
         #: the denoiser's :class:`~attnpatch.families.Family` (its loops, patch, guidance)
         self.family = family_of(net)
+        if self.family.scheduler not in ("ddim", "flow"):
+            raise ModelError(
+                f"AttentionPipeline runs the 'ddim' loops (UNets) and the 'flow' loops (SD3 / "
+                f"Flux transformers); the {self.family.name} family says its scheduler is "
+                f"{self.family.scheduler!r}; set its scheduler to one of them"
+            )
         self.flow = self.family.scheduler == "flow"
         self.parts = parts
         self.num_inference_steps = num_inference_steps
