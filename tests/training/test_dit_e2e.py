@@ -204,3 +204,12 @@ def test_trace_lists_the_public_transformers(model, lines, capsys):
     out = capsys.readouterr().out
     for line in lines:
         assert line in out, out
+
+
+def test_the_diffusion_input_is_a_multiple_of_vae_factor_times_patch(dit_trainer):
+    stack, trainer = dit_trainer
+    parts = trainer.parts
+    pipe = ap.AttentionPipeline(parts, num_inference_steps=4, num_steps=1, image_size=34)
+    assert pipe.family.latent_multiple(parts.transformer) == 2  # SD3's patch, Flux's packing
+    assert pipe.factor == 2 * 2 and pipe.image_size == (36, 36)  # tiny VAE factor 2
+    assert pipe.cross_resolution == (9, 9)  # 36 px / 2 / 2
