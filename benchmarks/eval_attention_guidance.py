@@ -16,7 +16,8 @@ draws ``guidance.png`` (success vs each attention measure; transfer vs white-box
 per setting with its intervals) and prints a markdown table.
 
     python benchmarks/eval_attention_guidance.py --out runs/guidance [--seeds 0 1 2]
-        [--only REGEX] [--workers 2] [--list]
+        (--only REGEX | --all) [--workers 2]
+    python benchmarks/eval_attention_guidance.py --list [--only REGEX]
     python benchmarks/eval_attention_guidance.py --out runs/guidance --report docs/figures
 
 Runs already scored (``<out>/<setting>/seed<k>/result.json``) are skipped: the sweep resumes.
@@ -69,16 +70,18 @@ def settings() -> dict[str, dict[str, Any]]:
         "base",
         None,
         mode="share",
+        classifier=0.5,  # the default share when these were run
         exact="none",
         cross_attention=0.0,
         self_attention=0.0,
     )
     add(
-        "classifier only (hybrid)",
+        "classifier only (hybrid)",  # the default config with the attention terms off
         "base-hybrid",
         None,
         mode="share",
         exact="cheap",
+        classifier=0.4,
         cross_attention=0.0,
         self_attention=0.0,
     )
@@ -87,6 +90,7 @@ def settings() -> dict[str, dict[str, Any]]:
         "base-iter",
         None,
         mode="share",
+        classifier=0.5,  # the default share when these were run
         measure_every=1,
         momentum=0.0,
         cross_attention=0.0,
@@ -97,6 +101,7 @@ def settings() -> dict[str, dict[str, Any]]:
         "base-signal",
         None,
         mode="share",
+        classifier=0.5,  # the default share when these were run
         momentum=0.95,
         cross_attention=0.0,
         self_attention=0.0,
@@ -190,6 +195,7 @@ def settings() -> dict[str, dict[str, Any]]:
             f"base-cw{kappa:g}",
             None,
             mode="share",
+            classifier=0.5,
             cross_attention=0.0,
             self_attention=0.0,
         )
@@ -214,6 +220,8 @@ def settings() -> dict[str, dict[str, Any]]:
         (0.35, 0.3, 0.35),
         (0.35, 0.25, 0.4),
         (0.3, 0.3, 0.4),
+        (0.35, 0.2, 0.45),
+        (0.4, 0.25, 0.35),
     ):  # repel, more self
         add(
             f"hybrid {c:g}/{x:g}/{s:g} repel",
@@ -636,19 +644,22 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--only", default="", help="regex on setting names")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--list", action="store_true", help="the settings (--only filters them)")
+    ap.add_argument("--all", action="store_true", help="sweep every setting (~130 x seeds runs)")
     ap.add_argument("--report", type=Path, default=None, help="folder for guidance.png")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.list:
-        print("\n".join(settings()))
+        print("\n".join(n for n in settings() if re.search(args.only, n)))
     elif args.one:
         print(json.dumps(run_one(args.one, args.seed, args.out, args.iterations)))
     elif args.report:
         report(args)
-    else:
+    elif args.only or args.all:
         sweep(args)
+    else:
+        ap.error("say what to run: --only REGEX (see --list), --all, or --report FOLDER")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ class AttentionConfig:
     num_inference_steps: int = 10  #: N: the DDIM schedule
     num_steps: int = 2  #: k: differentiable inversion and denoise steps (last k of N)
     guidance_scale: float = 1.0  #: while denoising (1.0: conditional only)
-    cross_loss: str = "variance"  #: "variance", "repel" or "attract"
+    #: "repel" (default: the label's attention mass on the patch down), "attract" or "variance"
+    #: (DiffAttack's label-map variance); chosen by the sweep in docs/training.md
+    cross_loss: str = "repel"
     #: map side for cross-attention losses; 0 = the smallest side where down and up blocks attend
     cross_resolution: int = 0
     self_resolutions: list[int] = field(default_factory=list)  #: [] = the two smallest

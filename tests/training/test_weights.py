@@ -198,7 +198,8 @@ def test_config_mode_flag_and_defaults():
     add_config_flags(parser)
     args = parser.parse_args(["--weights.mode", "sum", "--weights.cross_attention", "0"])
     cfg = config_from_dict({"weights": {}}, None)
-    assert cfg.weights.mode == "share" and cfg.weights.resolved()["classifier"] == 0.5
+    assert cfg.weights.mode == "share" and cfg.weights.resolved()["classifier"] == 0.4
+    assert cfg.attention.cross_loss == "repel"  # the sweep's choice (docs/training.md)
     overrides = apply_flags(args)
     assert overrides == {"weights.mode": "sum", "weights.cross_attention": "0"}
     from attnpatch.training.config import load_config
@@ -212,7 +213,7 @@ def test_config_mode_flag_and_defaults():
         "tv": 0.0,
     }
     helps = {a.dest: a.help for a in parser._actions}
-    assert helps["cfg::weights.classifier"] == "(default: share 0.5 / sum 10)"
+    assert helps["cfg::weights.classifier"] == "(default: share 0.4 / sum 10)"
 
 
 @pytest.mark.parametrize(
