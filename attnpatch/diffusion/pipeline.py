@@ -2,13 +2,18 @@
 
     images (B, 3, H, W) in [0, 1]
       -> to_diffusion_input      (B, 3, h, w) in [-1, 1]
-      -> vae_encode              z0 (B, 4, h/f, w/f)
-      -> ddim_invert (with grad) zT: the clean latent pushed up k DDIM steps
-      -> with hijack(unet, store): ddim_denoise      (hijack removed on exit)
+      -> vae_encode              z0 (B, C, h/f, w/f)
+      -> invert (with grad)      zT: the clean latent pushed up k steps
+      -> with hijack(denoiser, store): denoise      (hijack removed on exit)
       -> store: cross-attention maps (all resolutions) and self-attention maps (chosen ones)
 
-Every step is a public function of the library; this class only wires them and remembers the
-choices (steps, guidance, resolutions). Gradients flow from the stored maps back to ``images``.
+The loops are the denoiser's family's (:attr:`attnpatch.families.Family.scheduler`):
+``ddim_invert`` / ``ddim_denoise`` for UNets (SD 1.x / 2.x / XL), ``flow_invert`` /
+``flow_denoise`` for diffusion transformers (SD3 / SD3.5, Flux), whose joint attention the
+hijack splits into the same ``"cross"`` (image queries, text keys: ``(B, h, w, T_text)`` at the
+token grid) and ``"self"`` maps. Every step is a public function of the library; this class
+only wires them and remembers the choices (steps, guidance, resolutions). Gradients flow from
+the stored maps back to ``images``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from .._util import as_pair
 from ..errors import AttnPatchError, InputError, ModelError
+from ..families import family_of
 from ..hooks import (
     AttentionControl,
     AttentionStore,
@@ -35,6 +41,7 @@ from ..hooks import (
 from ..images import resize, to_diffusion_input
 from ._memory import CondHalf, block_checkpointing, resolve_memory, return_freed_memory
 from .ddim import ddim_denoise, ddim_invert, ddim_timesteps
+from .flow import flow_denoise, flow_invert, flow_timesteps
 from .parts import DiffusionParts
 from .prompts import PromptEmbeds, encode_prompt, sdxl_added_cond_kwargs
 from .vae import vae_encode
@@ -48,7 +55,8 @@ class AttentionResult:
 
     Attributes:
         diffusion_input: ``(B, 3, h, w)`` in [-1, 1].
-        z0: VAE latents ``(B, 4, h/f, w/f)``.
+        z0: VAE latents ``(B, C, h/f, w/f)`` (``C``: the VAE's latent channels, 4 for SD,
+            16 for SD3 / Flux).
         zT: inverted latents (same shape).
         denoised: latents after the ``k`` denoising steps (same shape).
         cross: the store of cross-attention maps (every resolution).
@@ -67,7 +75,8 @@ class AttentionResult:
     batch: int
 
     def cross_maps(self, resolution: Resolution) -> torch.Tensor:
-        """Cross-attention ``(B, h, w, 77)`` averaged over heads, layers, steps."""
+        """Cross-attention ``(B, h, w, T)`` averaged over heads, layers, steps (``T`` text
+        tokens: 77 for CLIP stacks; SD3 77 CLIP + its T5 length; Flux the T5 length)."""
         if resolution is None:  # a clear error, not torch's from stacking several sizes
             raise InputError("cross_maps needs a resolution, e.g. pipe.cross_resolution")
         return self.cross.aggregate("cross", resolution)[-self.batch :]
@@ -78,18 +87,21 @@ class AttentionResult:
 
 
 class AttentionPipeline:
-    """image -> VAE -> differentiable DDIM inversion -> denoising under hijack -> maps.
+    """image -> VAE -> differentiable inversion -> denoising under hijack -> maps.
 
     Args:
-        parts: a :class:`~attnpatch.diffusion.DiffusionParts` (``load_diffusion(...)``).
-        num_inference_steps: ``N`` of the DDIM schedule.
+        parts: a :class:`~attnpatch.diffusion.DiffusionParts` (``load_diffusion(...)``): a UNet
+            stack (DDIM) or an SD3 / Flux stack (flow matching), as its denoiser's family says.
+        num_inference_steps: ``N`` of the DDIM (or flow) schedule.
         num_steps: ``k``: the last ``k`` steps are inverted and denoised with gradients.
         guidance_scale: classifier-free guidance while denoising (1.0: conditional only).
             Inversion always uses the conditional embeddings alone.
-        image_size: side (or ``(h, w)``) of the diffusion input; rounded up to the VAE factor.
+        image_size: side (or ``(h, w)``) of the diffusion input; rounded up to the VAE factor
+            (times the transformer's patch size on a DiT: 16 px for SD3 / Flux).
         cross_resolution: map size for cross-attention losses; ``None``: the smallest size at
             which both down and up blocks attend (16x16 for SD1.5 at 512 px, like
-            prompt-to-prompt; 7x7 for SD2 at 224 px, like DiffAttack).
+            prompt-to-prompt; 7x7 for SD2 at 224 px, like DiffAttack); a DiT's token grid
+            (every layer works at it: 32x32 for SD3 / Flux at 512 px).
         self_resolutions: sizes whose self-attention is stored; ``None``: the two smallest.
         memory: ``"fast"`` (nothing recomputed), ``"balanced"`` (each UNet call recomputed in
             backward: memory flat in ``num_steps``) or ``"low"`` (also block by block inside
@@ -101,6 +113,9 @@ class AttentionPipeline:
             ``ATTNPATCH_MALLOC=0``).
         checkpoint: the older switch: ``True`` is ``memory="balanced"``, ``False`` ``"fast"``
             (deprecated: a ``FutureWarning``; removed in attnpatch 0.3.0).
+        guidance: the embedded guidance scale of a guidance-distilled transformer (Flux-dev);
+            ``None``: the family's default (3.5 for Flux-dev, as ``FluxPipeline``; nothing for
+            models without a guidance embedding, which refuse a value).
 
     Precision: the pipeline takes fp32 images (the patch and its optimizer stay fp32); each
     network gets its inputs in its own dtype (``load_diffusion(..., torch_dtype=...)``) and the
@@ -119,6 +134,7 @@ class AttentionPipeline:
         self_resolutions: Sequence[int | Resolution] | None = None,
         memory: str | None = None,
         checkpoint: bool | None = None,
+        guidance: float | None = None,
     ):
         if not isinstance(parts, DiffusionParts):
             raise AttnPatchError(
@@ -126,26 +142,42 @@ class AttentionPipeline:
                 "attnpatch.load_diffusion(...) or DiffusionParts(unet, vae, text_encoder, "
                 "tokenizer, scheduler)"
             )
-        if parts.is_dit:
+        net = parts.denoiser
+        #: the denoiser's :class:`~attnpatch.families.Family` (its loops, patch, guidance)
+        self.family = family_of(net)
+        if self.family.scheduler not in ("ddim", "flow"):
             raise ModelError(
-                f"AttentionPipeline runs UNet stacks (sd15, sd2, sdxl) so far, got a "
-                f"{parts.variant!r} stack; for SD3 / Flux call flow_invert / flow_denoise on "
-                "parts.transformer (attnpatch.diffusion), or load a UNet stack such as 'shapes'"
+                f"AttentionPipeline runs the 'ddim' loops (UNets) and the 'flow' loops (SD3 / "
+                f"Flux transformers); the {self.family.name} family says its scheduler is "
+                f"{self.family.scheduler!r}; set its scheduler to one of them"
             )
-        # checks the schedule now, before any work (same rules as the loops)
-        ddim_timesteps(
-            parts.scheduler, num_inference_steps=num_inference_steps, num_steps=num_steps
-        )
+        self.flow = self.family.scheduler == "flow"
         self.parts = parts
         self.num_inference_steps = num_inference_steps
         self.num_steps = num_steps
         self.guidance_scale = float(guidance_scale)
-        self.memory = resolve_memory(memory, checkpoint, _device_of(parts.unet))
-        self.factor = parts.vae_scale_factor
+        self.guidance = self.family.default_guidance(net) if guidance is None else guidance
+        self.memory = resolve_memory(memory, checkpoint, _device_of(net))
+        #: the multiple of the diffusion input's sides: the VAE factor times the patch size
+        self.factor = parts.vae_scale_factor * self.family.latent_multiple(net)
         h, w = as_pair(image_size, "image_size")
         self.image_size = (-(-h // self.factor) * self.factor, -(-w // self.factor) * self.factor)
-        latent = (self.image_size[0] // self.factor, self.image_size[1] // self.factor)
-        self.sites = trace_attention(parts.unet, latent)
+        vae_f = parts.vae_scale_factor
+        latent = (self.image_size[0] // vae_f, self.image_size[1] // vae_f)
+        # checks the schedule now, before any work (same rules as the loops)
+        if self.flow:
+            flow_timesteps(
+                net,
+                parts.scheduler,
+                latent,
+                num_inference_steps=num_inference_steps,
+                num_steps=num_steps,
+            )
+        else:
+            ddim_timesteps(
+                parts.scheduler, num_inference_steps=num_inference_steps, num_steps=num_steps
+            )
+        self.sites = trace_attention(net, latent)
         self.cross_resolution = pick_cross_resolution(self.sites, cross_resolution)
         self.self_resolutions = pick_self_resolutions(self.sites, self_resolutions)
 
@@ -155,7 +187,7 @@ class AttentionPipeline:
         return encode_prompt(self.parts.tokenizers, self.parts.text_encoders, list(prompts))
 
     def _added_cond(self, embeds: PromptEmbeds) -> dict[str, torch.Tensor] | None:
-        if self.parts.unet.config.addition_embed_type != "text_time":
+        if self.flow or self.parts.unet.config.addition_embed_type != "text_time":
             return None
         # [uncond; cond] rows: ddim_invert/ddim_denoise take the half(s) they run.
         return sdxl_added_cond_kwargs(
@@ -207,7 +239,6 @@ class AttentionPipeline:
         embeds = prompts if isinstance(prompts, PromptEmbeds) else self.encode_prompts(prompts)
         # the loop's dtype (a half text encoder gives half embeddings; the UNet call casts)
         embeds = PromptEmbeds(*(None if e is None else e.to(x.dtype) for e in embeds))
-        added = self._added_cond(embeds)
         common = dict(
             num_inference_steps=self.num_inference_steps,
             num_steps=self.num_steps,
@@ -218,27 +249,70 @@ class AttentionPipeline:
         control: AttentionControl = ComposeControl(cross, selfs)
         if low and guided:
             control = CondHalf(control)  # the halves run as two calls: record the cond one
-        with block_checkpointing(p.unet) if low else contextlib.nullcontext():
-            zT = ddim_invert(
-                p.unet, p.scheduler, z0, embeds.cond, added_cond_kwargs=added, **common
-            )
-            with hijack(p.unet, control):
-                denoised = ddim_denoise(
-                    p.unet,
-                    p.scheduler,
-                    zT,
-                    embeds.cond,
-                    uncond=embeds.uncond if self.guidance_scale != 1.0 else None,
-                    guidance_scale=self.guidance_scale,
-                    added_cond_kwargs=added,
-                    split_guidance=low,
-                    **common,
-                )
+        net = p.denoiser
+        with block_checkpointing(net) if low else contextlib.nullcontext():
+            if self.flow:
+                zT, denoised = self._flow(z0, embeds, control, low, common)
+            else:
+                zT, denoised = self._ddim(z0, embeds, control, low, common)
         return AttentionResult(x, z0, zT, denoised, cross, selfs, images.shape[0])
+
+    def _ddim(
+        self,
+        z0: torch.Tensor,
+        embeds: PromptEmbeds,
+        control: AttentionControl,
+        low: bool,
+        common: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A UNet's DDIM inversion (cond only), then its denoising under the hijack."""
+        p = self.parts
+        added = self._added_cond(embeds)
+        zT = ddim_invert(p.unet, p.scheduler, z0, embeds.cond, added_cond_kwargs=added, **common)
+        with hijack(p.unet, control):
+            denoised = ddim_denoise(
+                p.unet,
+                p.scheduler,
+                zT,
+                embeds.cond,
+                uncond=embeds.uncond if self.guidance_scale != 1.0 else None,
+                guidance_scale=self.guidance_scale,
+                added_cond_kwargs=added,
+                split_guidance=low,
+                **common,
+            )
+        return zT, denoised
+
+    def _flow(
+        self,
+        z0: torch.Tensor,
+        embeds: PromptEmbeds,
+        control: AttentionControl,
+        low: bool,
+        common: dict[str, Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A transformer's Euler inversion up the flow schedule (cond only), then its
+        denoising under the hijack (``embeds``: SD3's ``[CLIP; T5]`` or Flux's T5 sequence
+        with the pooled projections)."""
+        p = self.parts
+        net = p.transformer
+        zT = flow_invert(net, p.scheduler, z0, embeds, guidance=self.guidance, **common)
+        with hijack(net, control):
+            denoised = flow_denoise(
+                net,
+                p.scheduler,
+                zT,
+                embeds,
+                guidance_scale=self.guidance_scale,
+                guidance=self.guidance,
+                split_guidance=low,
+                **common,
+            )
+        return zT, denoised
 
     @property
     def checkpoint(self) -> bool:
-        """Whether UNet calls are recomputed in backward (``memory != "fast"``)."""
+        """Whether UNet (transformer) calls are recomputed in backward (``memory != "fast"``)."""
         return self.memory != "fast"
 
 

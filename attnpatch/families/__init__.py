@@ -30,7 +30,13 @@ from .base import (
     refuse_unreproducible,
 )
 from .flux import FluxFamily, image_ids, pack_latents, unpack_latents
-from .reference import REFERENCE_TEXT_LENGTHS, REFERENCE_TRANSFORMER_CONFIGS, reference_transformer
+from .reference import (
+    REFERENCE_TEXT_LENGTHS,
+    REFERENCE_TRANSFORMER_CONFIGS,
+    reference_summary,
+    reference_table,
+    reference_transformer,
+)
 from .registry import (
     all_places,
     attention_layers,
@@ -61,6 +67,8 @@ __all__ = [
     "image_grid",
     "refuse_unreproducible",
     "reference_transformer",
+    "reference_summary",
+    "reference_table",
     "REFERENCE_TRANSFORMER_CONFIGS",
     "REFERENCE_TEXT_LENGTHS",
     "UNetFamily",

@@ -199,6 +199,16 @@ class Family:
         works on the ``meta`` device)."""
         raise NotImplementedError
 
+    def latent_multiple(self, model: nn.Module) -> int:
+        """What the latent sides must be multiples of (the transformer's patch size; 1 for a
+        UNet, which takes any size its down-sampling allows)."""
+        return 1
+
+    def default_guidance(self, model: nn.Module) -> float | None:
+        """The embedded guidance scale the family's pipeline passes by default (Flux-dev:
+        3.5), or ``None`` for a model without a guidance embedding."""
+        return None
+
     def default_latent(self, model: nn.Module) -> Grid:
         """The latent size the model was trained at (its config's ``sample_size``)."""
         size = int(model.config.sample_size)

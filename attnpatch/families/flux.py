@@ -254,6 +254,15 @@ class FluxFamily(Family):
         )[0]
         return unpack_latents(out, (h, w))
 
+    def latent_multiple(self, model: nn.Module) -> int:
+        """2: the latents are packed 2x2 into tokens."""
+        return 2
+
+    def default_guidance(self, model: nn.Module) -> float | None:
+        """3.5 (``FluxPipeline``'s ``guidance_scale``) on guidance-distilled models (dev),
+        ``None`` without a guidance embedding (schnell)."""
+        return 3.5 if model.config.get("guidance_embeds", False) else None
+
     def example_call(self, model: nn.Module, latent: Grid, *, batch: int = 1, text_len: int = 77):
         config = model.config
         param = next(model.parameters())

@@ -24,7 +24,13 @@ from torch import nn
 
 from ..errors import ModelError
 
-__all__ = ["REFERENCE_TRANSFORMER_CONFIGS", "REFERENCE_TEXT_LENGTHS", "reference_transformer"]
+__all__ = [
+    "REFERENCE_TRANSFORMER_CONFIGS",
+    "REFERENCE_TEXT_LENGTHS",
+    "reference_transformer",
+    "reference_summary",
+    "reference_table",
+]
 
 _SD3: dict[str, Any] = dict(
     sample_size=128,
@@ -80,6 +86,15 @@ REFERENCE_TRANSFORMER_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "flux-schnell": ("FluxTransformer2DModel", dict(_FLUX, guidance_embeds=False)),
 }
 
+#: the public repository of each architecture
+REFERENCE_REPOSITORIES = {
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
+
 #: text tokens the pipelines give these models by default: SD3 77 CLIP + 256 T5
 #: (``max_sequence_length=256``); Flux-dev 512 T5, schnell 256
 REFERENCE_TEXT_LENGTHS = {
@@ -114,3 +129,75 @@ def reference_transformer(
     if dtype is not None:
         model = model.to(dtype)
     return model.eval().requires_grad_(False)
+
+
+def reference_summary(name: str, sizes: tuple[int, ...] = (512, 1024)) -> dict[str, Any]:
+    """What :func:`reference_transformer` ``name`` is, read from the model built on the ``meta``
+    device and its family (nothing typed by hand): block counts, heads, the token grid at each
+    image size in ``sizes`` (px; the VAE factor is 8 for SD3 and Flux), the text tokens and the
+    parameter count.
+
+    >>> s = reference_summary("flux-dev")
+    >>> s["joint"], s["single"], s["heads"], s["head_dim"], s["grid"][1024], s["text"]
+    (19, 38, 24, 128, (64, 64), '512 T5')
+    """
+    from .registry import family_of
+
+    model = reference_transformer(name)
+    family = family_of(model)
+    config = model.config
+    patch = family.latent_multiple(model)
+    joint = len(model.transformer_blocks)
+    single = len(getattr(model, "single_transformer_blocks", ()))
+    dual = sum(getattr(b, "attn2", None) is not None for b in model.transformer_blocks)
+    text = REFERENCE_TEXT_LENGTHS[name]
+    clip = 77 if family.name == "sd3" else 0  # SD3's sequence: [CLIP 77; T5], Flux: T5 only
+    return {
+        "name": name,
+        "repository": REFERENCE_REPOSITORIES[name],
+        "family": family.name,
+        "joint": joint,
+        "single": single,
+        "image_only": dual,
+        "heads": int(config.num_attention_heads),
+        "head_dim": int(config.attention_head_dim),
+        "attention_layers": joint + single + dual,
+        "grid": {px: (px // 8 // patch, px // 8 // patch) for px in sizes},
+        "text": f"{clip} CLIP + {text - clip} T5" if clip else f"{text} T5",
+        "text_tokens": text,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def reference_table(sizes: tuple[int, ...] = (512, 1024)) -> str:
+    """The markdown table of every reference architecture (docs/attention-sites.md holds its
+    output; ``python -c "from attnpatch.families import reference_table as t; print(t())"``
+    prints it)."""
+    header = [
+        "model",
+        "repository",
+        "joint blocks",
+        "single blocks",
+        "image-only attn2",
+        "heads x dim",
+        "text tokens",
+        *(f"grid at {px} px (image tokens)" for px in sizes),
+        "parameters",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in REFERENCE_TRANSFORMER_CONFIGS:
+        s = reference_summary(name, sizes)
+        grids = [f"{h}x{w} ({h * w})" for h, w in (s["grid"][px] for px in sizes)]
+        row = [
+            name,
+            f"`{s['repository']}`",
+            str(s["joint"]),
+            str(s["single"]),
+            str(s["image_only"]),
+            f"{s['heads']} x {s['head_dim']}",
+            f"{s['text_tokens']} ({s['text']})",
+            *grids,
+            f"{s['parameters'] / 1e9:.2f} B",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -182,6 +182,10 @@ class SD3Family(Family):
             return_dict=False,
         )[0]
 
+    def latent_multiple(self, model: nn.Module) -> int:
+        """The patch size (``config.patch_size``, 2 for every public SD3 / SD3.5)."""
+        return int(model.config.patch_size)
+
     def example_call(self, model: nn.Module, latent: Grid, *, batch: int = 1, text_len: int = 77):
         config = model.config
         param = next(model.parameters())

@@ -136,7 +136,7 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
     )
     if not image_check(report, "training images", images, CLASSIFIER_RANGE):
         raise _Stop
-    before = {name: m.processor for name, m in attention_modules(trainer.parts.unet)}
+    before = {name: m.processor for name, m in attention_modules(trainer.parts.denoiser)}
     indices = batch_indices(
         len(trainer.data), cfg.data.batch_size, trainer.iteration, seed=cfg.train.seed
     )
@@ -162,11 +162,13 @@ def _first_forward(report: Report, trainer: PatchTrainer) -> None:
         report.add(
             "hijack during denoising",
             PASS if ok else FAIL,
-            f"maps recorded at {steps} UNet calls (denoising runs {k})",
+            f"maps recorded at {steps} {_net(trainer)} calls (denoising runs {k})",
             "hijack",
         )
-    after = {name: m.processor for name, m in attention_modules(trainer.parts.unet)}
-    restored = not is_hijacked(trainer.parts.unet) and all(after[k] is before[k] for k in before)
+    after = {name: m.processor for name, m in attention_modules(trainer.parts.denoiser)}
+    restored = not is_hijacked(trainer.parts.denoiser) and all(
+        after[k] is before[k] for k in before
+    )
     report.add(
         "hijack removed after the maps",
         PASS if restored else FAIL,
@@ -196,6 +198,11 @@ def _nothing_recorded(trainer: PatchTrainer, images: torch.Tensor, labels: torch
     except AttnPatchError:
         return False
     return result.cross.num_steps == 0 and result.self_store.num_steps == 0
+
+
+def _net(trainer: PatchTrainer) -> str:
+    """What the report calls the denoiser: "UNet" or "transformer"."""
+    return "transformer" if trainer.parts.is_dit else "UNet"
 
 
 class _Stop(Exception):

@@ -18,9 +18,10 @@ __all__ = ["gradient_flow", "STEER_SHARE"]
 
 def _models(trainer: PatchTrainer) -> dict[str, torch.nn.Module]:
     parts = trainer.parts
-    models = {"classifier": trainer.classifier, "unet": parts.unet, "vae": parts.vae}
-    for i, enc in enumerate(parts.text_encoders):
-        models[f"text_encoder{'' if i == 0 else '_2'}"] = enc
+    net = "transformer" if parts.is_dit else "unet"
+    models = {"classifier": trainer.classifier, net: parts.denoiser, "vae": parts.vae}
+    for i, enc in enumerate(parts.text_encoders):  # SD3 has three
+        models[f"text_encoder{'' if i == 0 else f'_{i + 1}'}"] = enc
     return models
 
 

@@ -159,7 +159,7 @@ class PatchTrainer:
         active = [t for t in terms() if self.weights[t.name]]
         self.prompts = [class_prompt(c, config.data.prompt_template) for c in self.classes]
         self.tokens = [
-            token_indices(parts.tokenizer, p, c) for p, c in zip(self.prompts, self.classes)
+            token_indices(parts.tokenizers, p, c) for p, c in zip(self.prompts, self.classes)
         ]
         self.attention: AttentionPipeline | None = None
         self.class_embeds: PromptEmbeds | None = None  # the class prompts' embeddings, C rows
