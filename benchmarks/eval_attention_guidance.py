@@ -49,6 +49,10 @@ SHARES = [
     (0.1, 0.45, 0.45),
     (0.05, 0.475, 0.475),
 ]
+#: the setting the library's defaults equal (attnpatch.training: share mode, exact cheap)
+DEFAULT = "hybrid 0.4/0.3/0.3 repel"
+#: legend names of the kinds ("hybrid" is the default mode: share with exact cheap)
+LEGEND = {"hybrid": "share, exact cheap (the default)", "share": "share, exact none"}
 #: CW margins tried with the hybrid mode
 KAPPAS = (5.0, 10.0, 20.0)
 #: sum mode: (cross, self) weights next to the default classifier weight 10
@@ -544,7 +548,7 @@ def figure(rows, path: Path) -> None:
     from matplotlib.figure import Figure
 
     colours = {
-        "hybrid": "C6",
+        "hybrid": "C6",  # share mode, exact cheap: the default mode
         "share": "C0",
         "share variants": "C4",
         "sum": "C1",
@@ -622,8 +626,31 @@ def figure(rows, path: Path) -> None:
                 )
         ax.set_xlabel("white-box success on tiny (%)")
         ax.set_ylabel("transfer success (%): o tiny-b, s tiny-c")
-    handles = [axes[0, 0].plot([], [], "o", color=c, label=k)[0] for k, c in colours.items()]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(colours))
+        for ax, xk, yk in (
+            (axes[0, col], "d_cross", "d_success"),
+            (axes[1, col], "d_self", "d_success"),
+        ):
+            for r in mine:
+                if r["setting"] == DEFAULT:  # the library's default, ringed
+                    ax.plot(r[xk][0], r[yk][0], "o", ms=11, mfc="none", mec="k", mew=1.2)
+                    ax.annotate(
+                        "default",
+                        (r[xk][0], r[yk][0]),
+                        xytext=(6, 6),
+                        textcoords="offset points",
+                        fontsize=8,
+                    )
+    present = {"classifier only" if r["kind"].startswith("base") else r["kind"] for r in rows}
+    present = {
+        ("cw margin" if k.startswith("cw") else "share variants" if k.startswith("share-") else k)
+        for k in present
+    }
+    handles = [
+        axes[0, 0].plot([], [], "o", color=c, label=LEGEND.get(k, k))[0]
+        for k, c in colours.items()
+        if k in present
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4))
     fig.suptitle("Attention guidance on the embedded default: mean and 95 % interval over seeds")
     fig.savefig(path, dpi=110)
 
