@@ -148,6 +148,11 @@ def dit_maps(
             f"image sides must be multiples of {multiple} (VAE factor x patch size), got "
             f"{tuple(images.shape[-2:])}; render or resize the images to such a size"
         )
+    n_blocks = int(parts.transformer.config.num_layers)
+    if blocks is not None and not set(blocks) <= set(range(n_blocks)):
+        raise InputError(
+            f"no joint layer in blocks {list(blocks)}: the transformer has blocks 0..{n_blocks - 1}"
+        )
     embeds = encode_prompt(parts.tokenizers, parts.text_encoders, list(prompts))
     kw = dict(num_inference_steps=num_inference_steps, num_steps=num_steps)
     store = AttentionStore(kinds=("cross",))
@@ -167,11 +172,6 @@ def dit_maps(
     if blocks is not None:
         wanted = {f"transformer_blocks.{i}.attn" for i in blocks}
         layers = {k: v for k, v in layers.items() if k in wanted}
-        if not layers:
-            raise InputError(
-                f"no joint layer in blocks {list(blocks)}; the model has those of "
-                f"{sorted(store.maps('cross', res, ('joint',)))}"
-            )
     return torch.stack(list(layers.values())).mean(0)
 
 
