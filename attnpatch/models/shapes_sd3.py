@@ -20,7 +20,8 @@ Architecture (real diffusers / transformers classes, SD3's layout, 32 px images)
   of words, as in ``"shapes"`` (a word's features are about that word alone; a padding token
   is the same wherever it sits). Their ``text_projection`` is zero, so the pooled projection
   is zero for every prompt: the prompt reaches the transformer through its token sequence only,
-  the label word's attention must carry the shape. Only the token embeddings are trained;
+  the label word's attention must carry the shape. Only the token embeddings are trained
+  (initialised N(0, 1): they enter SD3 raw, without a layer norm);
 * T5: a ``T5EncoderModel`` with no layers and zero token embeddings: its 256 positions are
   exact zeros, what ``StableDiffusion3Pipeline`` feeds when T5 is left out
   (``text_encoder_3=None``), kept as a real encoder so the library's three-encoder SD3 path
@@ -89,6 +90,10 @@ def _clip():
     with torch.no_grad():
         model.text_model.embeddings.position_embedding.weight.zero_()
         model.text_projection.weight.zero_()
+        # N(0, 1) instead of CLIP's N(0, 0.02^2): SD3 reads the embeddings raw (no layer norm
+        # after them), and at CLIP's scale every token was drowned by the context embedder's
+        # bias: after 2000 steps the text was still unused (docs/models.md)
+        model.get_input_embeddings().weight.normal_()
     return model
 
 

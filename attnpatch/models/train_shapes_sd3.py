@@ -58,7 +58,7 @@ class ShapesSD3TrainConfig:
     seed: int = 0
     pool: int = 12800  #: rendered training images
     batch_size: int = 32
-    steps: int = 6000
+    steps: int = 8000
     lr: float = 1e-3
     warmup: int = 100  #: linear warm-up steps, then cosine decay
     p_empty: float = 0.1
