@@ -11,6 +11,12 @@ multiplicity as an additive attention bias: the same function of the weights (th
 stream's output agrees with the full sequence's to float rounding; tests check it), about
 four times less compute per step on a CPU. Inference uses the plain model and the full
 sequence: nothing of this is saved with the weights.
+
+The T5 multiplicity can also stand for another T5 length at no cost (``t5_lengths``): the
+training draws it per caption (SD3's pipelines take any ``max_sequence_length``), so that early
+in training, with few copies, the label word gets a share of the attention large enough to
+learn from; with 256 copies it got 1/500 of it (the share of a uniform softmax over 64 image
+and 333 text keys) and after 2500 steps the text was still unused (docs/models.md).
 """
 
 from __future__ import annotations
@@ -30,7 +36,10 @@ _CLIP_LEN = 77
 
 
 def compact_condition(
-    cond: torch.Tensor, clip_ids: torch.Tensor, eos_id: int
+    cond: torch.Tensor,
+    clip_ids: torch.Tensor,
+    eos_id: int,
+    t5_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct tokens of SD3 text sequences and their log multiplicities.
 
@@ -38,6 +47,9 @@ def compact_condition(
         cond: ``(B, 77 + T, D)`` the sequence ``encode_prompt`` / ``sd3_condition`` builds.
         clip_ids: ``(B, 77)`` the CLIP token ids it came from (padded with ``eos_id``).
         eos_id: the end token (= the padding token).
+        t5_lengths: ``(B,)`` T5 lengths to stand for, row by row (default: ``cond``'s ``T``):
+            the row is then the sequence ``encode_prompt(..., max_sequence_length=m)`` builds,
+            as the T5 part is constant (tests check it).
 
     Returns:
         ``(B, L, D)`` tokens ``[BOS, words..., EOS, T5]`` (shorter rows filled with copies
@@ -70,7 +82,8 @@ def compact_condition(
         index[i, :n] = torch.arange(n)
         bias[i, :n] = 0.0
         bias[i, n - 1] = float(torch.log(torch.tensor(float(_CLIP_LEN - n + 1))))
-        bias[i, n] = float(torch.log(torch.tensor(float(s - _CLIP_LEN))))
+        m = s - _CLIP_LEN if t5_lengths is None else int(t5_lengths[i])
+        bias[i, n] = float(torch.log(torch.tensor(float(m))))
     tokens = torch.gather(cond, 1, index[..., None].expand(-1, -1, cond.shape[-1]))
     return tokens, bias
 

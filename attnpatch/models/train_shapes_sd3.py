@@ -11,8 +11,11 @@ generator, so the same seed and thread count give the same bytes:
   ``t = 1000 sigma`` predicts the velocity ``e - x0`` (MSE); captions from
   :func:`~attnpatch.data.shape_captions` redrawn every step, 10 % empty (classifier-free
   guidance's unconditional prompt), encoded as SD3's pipeline does (both CLIPs' penultimate
-  states zero-padded to T5's width, then T5's 256 positions); the transformer and both CLIPs'
-  token embeddings are trained (AdamW, warm-up then cosine decay, gradients clipped at 1).
+  states zero-padded to T5's width, then T5's positions, ``max_sequence_length`` drawn
+  log-uniformly in [2, 256] per caption); the transformer and both CLIPs' token embeddings are
+  trained (AdamW, warm-up then cosine decay, gradients clipped at 1). The transformer runs on
+  the distinct text tokens with their multiplicities as attention biases, which is the same
+  function (:mod:`._sd3_compact`).
 
 The run checkpoints every ``--checkpoint-every`` steps to ``DIR/checkpoint.pt`` (atomically)
 and ``--resume`` continues from it exactly. At the end ``DIR`` is a diffusers SD3 model folder
@@ -28,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +63,14 @@ class ShapesSD3TrainConfig:
     pool: int = 12800  #: rendered training images
     batch_size: int = 32
     steps: int = 8000
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100  #: linear warm-up steps, then cosine decay
     p_empty: float = 0.1
     p_colour: float = 0.5
     p_background: float = 0.5
     checkpoint_every: int = 250
+    #: the T5 length each caption stands for is drawn log-uniformly in [min_t5_length, 256]
+    min_t5_length: int = 2
 
     def __post_init__(self) -> None:
         for name in ("pool", "batch_size", "checkpoint_every"):
@@ -72,15 +78,23 @@ class ShapesSD3TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if not 1 <= self.min_t5_length <= T5_LENGTH:
+            raise ConfigError(
+                f"min_t5_length must be in [1, {T5_LENGTH}], got {self.min_t5_length}"
+            )
 
 
 def sd3_condition(
-    parts: DiffusionParts, captions: list[str], *, return_ids: bool = False
+    parts: DiffusionParts,
+    captions: list[str],
+    *,
+    return_ids: bool = False,
+    t5_length: int = T5_LENGTH,
 ) -> tuple[torch.Tensor, ...]:
     """``(B, 77 + 256, 32)`` text sequence and ``(B, 32)`` pooled projection of ``captions``,
     computed as ``StableDiffusion3Pipeline.encode_prompt`` does, *with* gradients to the CLIPs'
     token embeddings (the library's ``encode_prompt`` runs under ``no_grad``); with
-    ``return_ids`` also the ``(B, 77)`` CLIP token ids."""
+    ``return_ids`` also the ``(B, 77)`` CLIP token ids; ``t5_length``: ``max_sequence_length``."""
     hidden, pooled, all_ids = [], [], []
     for tok, enc in (
         (parts.tokenizer, parts.text_encoder),
@@ -98,7 +112,7 @@ def sd3_condition(
         hidden.append(out.hidden_states[-2])
         pooled.append(out[0])
     t5_ids = parts.tokenizer_3(
-        captions, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt"
+        captions, padding="max_length", max_length=t5_length, truncation=True, return_tensors="pt"
     ).input_ids
     with torch.no_grad():
         t5 = parts.text_encoder_3(t5_ids)[0]
@@ -187,7 +201,9 @@ def _step(run: _Run, pool: dict[str, torch.Tensor], latents: torch.Tensor) -> fl
     s = sigma[:, None, None, None]
     xt = (1 - s) * x0 + s * noise
     cond, pooled, ids = sd3_condition(p, captions, return_ids=True)
-    tokens, bias = compact_condition(cond, ids, p.tokenizer.eos_token_id)
+    lo, hi = math.log(c.min_t5_length), math.log(T5_LENGTH)
+    t5_lengths = torch.exp(lo + (hi - lo) * torch.rand(c.batch_size, generator=g)).round()
+    tokens, bias = compact_condition(cond, ids, p.tokenizer.eos_token_id, t5_lengths)
     with multiplicity_bias(p.transformer, bias):  # = the full 333-token sequence, cheaper
         v = p.transformer(
             hidden_states=xt,

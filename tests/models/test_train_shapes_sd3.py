@@ -84,6 +84,28 @@ def test_compact_training_sequence_equals_the_full_sequence():
     assert {type(p).__name__ for p in tr.attn_processors.values()} == {"JointAttnProcessor2_0"}
 
 
+def test_a_drawn_t5_length_equals_encoding_with_that_max_sequence_length():
+    # The trainer's T5-length draw: the compact row with multiplicity m is the sequence
+    # encode_prompt(..., max_sequence_length=m) gives, exactly as run by the plain model.
+    parts = _perturbed()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(4, 4, 16, 16, generator=g), torch.rand(4, generator=g) * 1000
+    cond, pooled, ids = ts.sd3_condition(parts, _CAPTIONS, return_ids=True)
+    lengths = torch.tensor([2.0, 7.0, 40.0, 256.0])
+    tokens, bias = compact_condition(cond, ids, parts.tokenizer.eos_token_id, lengths)
+    tr = parts.transformer
+    with torch.no_grad(), multiplicity_bias(tr, bias):
+        compact = tr(x, tokens, pooled, t).sample
+    for i, m in enumerate(lengths.int().tolist()):
+        ref = encode_prompt(
+            parts.tokenizers, parts.text_encoders, _CAPTIONS[i], max_sequence_length=m
+        )
+        assert ref.cond.shape[1] == 77 + m
+        with torch.no_grad():
+            full = tr(x[i : i + 1], ref.cond, ref.pooled, t[i : i + 1]).sample
+        assert (full - compact[i : i + 1]).abs().max() < 1e-5 * full.abs().max(), m
+
+
 def test_compact_condition_refuses_padding_copies_that_differ():
     parts = _perturbed()
     cond, _, ids = ts.sd3_condition(parts, _CAPTIONS, return_ids=True)
@@ -165,3 +187,5 @@ def test_refuses_to_overwrite_or_to_resume_with_other_settings(tmp_path):
         ts.ShapesSD3TrainConfig(batch_size=0)
     with pytest.raises(ConfigError, match="steps must be >= 0"):
         ts.ShapesSD3TrainConfig(steps=-1)
+    with pytest.raises(ConfigError, match="min_t5_length"):
+        ts.ShapesSD3TrainConfig(min_t5_length=300)
