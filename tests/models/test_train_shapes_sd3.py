@@ -84,6 +84,7 @@ def test_compact_training_sequence_equals_the_full_sequence():
     assert {type(p).__name__ for p in tr.attn_processors.values()} == {"JointAttnProcessor2_0"}
 
 
+@pytest.mark.filterwarnings("ignore:prompt .* was truncated")  # max_sequence_length=2
 def test_a_drawn_t5_length_equals_encoding_with_that_max_sequence_length():
     # The trainer's T5-length draw: the compact row with multiplicity m is the sequence
     # encode_prompt(..., max_sequence_length=m) gives, exactly as run by the plain model.
