@@ -11,7 +11,8 @@
   from the shapes captions (all re-exported by :mod:`attnpatch.testing`).
 * :mod:`.shapes_sd` — the ``"shapes"`` stack: a tiny SD trained on the shapes world, shipped
   in ``weights/shapes/`` (the embedded default); :mod:`.train_shapes` reproduces it
-  (``python -m attnpatch.models.train_shapes --out DIR``); :mod:`.shapes_eval` measures what
+  (``python -m attnpatch.models.train_shapes --out DIR``); :mod:`.shapes_sd3` /
+  :mod:`.train_shapes_sd3` — its SD3 sibling ``"shapes-sd3"``; :mod:`.shapes_eval` measures what
   its attention means.
 * :mod:`.shapes_classifier` — the ``"tiny"``, ``"tiny-b"``, ``"tiny-c"`` classifiers: training
   and their cache (:mod:`.tiny_classifiers`: the architectures of the latter two).
@@ -39,6 +40,7 @@ from .shapes_classifier import (
     train_tiny_classifier,
 )
 from .shapes_sd import SHAPES_WEIGHTS, label_mass_ratio, load_shapes_sd, shapes_sd
+from .shapes_sd3 import SHAPES_SD3_WEIGHTS, load_shapes_sd3, shapes_sd3
 
 __all__ = [
     "NormalizedClassifier",
@@ -60,6 +62,9 @@ __all__ = [
     "SHAPES_WEIGHTS",
     "shapes_sd",
     "load_shapes_sd",
+    "SHAPES_SD3_WEIGHTS",
+    "shapes_sd3",
+    "load_shapes_sd3",
     "label_mass_ratio",
     "clip_tokenizer",
 ]

@@ -20,7 +20,9 @@ Diffusion stacks (:func:`load_diffusion`) come back as :class:`~attnpatch.diffus
 (unet, vae, text_encoder, tokenizer, scheduler as a ``DDIMScheduler``, variant, and SDXL's second
 text encoder; for SD3 / Flux a ``transformer``, ``unet=None``, their text encoders and a
 ``FlowMatchEulerDiscreteScheduler``): ``"shapes"`` (a tiny SD trained on the shapes world,
-shipped with the package: its attention means something; :mod:`.shapes_sd`), ``"tiny"`` /
+shipped with the package: its attention means something; :mod:`.shapes_sd`), ``"shapes-sd3"``
+(its SD3 sibling, a small MMDiT trained on the same world, shipped too; :mod:`.shapes_sd3`),
+``"tiny"`` /
 ``"tiny-sd2"`` / ``"tiny-sdxl"`` / ``"tiny-sd3"`` / ``"tiny-flux"`` (random weights, for fast
 tests), a local diffusers model folder, or a name added with :func:`register_diffusion`.
 
@@ -62,6 +64,7 @@ from .classifier import (
 from .diffusion import as_parts, load_diffusers_folder
 from .shapes_classifier import TINY_CLASSIFIERS, tiny_factory
 from .shapes_sd import SHAPES_WEIGHTS, load_shapes_sd
+from .shapes_sd3 import SHAPES_SD3_WEIGHTS, load_shapes_sd3
 from .tiny import tiny_sd
 from .tiny_dit import tiny_flux, tiny_sd3
 
@@ -422,10 +425,22 @@ def _shapes_diffusion() -> DiffusionParts:
     return load_shapes_sd()
 
 
+def _shapes_sd3_diffusion() -> DiffusionParts:
+    """The tiny SD3 trained on the shapes world, from the weights shipped in the package."""
+    if not (SHAPES_SD3_WEIGHTS / "transformer" / "config.json").is_file():
+        raise ModelError(
+            f"the shipped 'shapes-sd3' weights are missing from {SHAPES_SD3_WEIGHTS}; reinstall "
+            "attnpatch, or rebuild them with python -m attnpatch.models.train_shapes_sd3 --out "
+            "DIR and load DIR"
+        )
+    return load_shapes_sd3()
+
+
 register_classifier("tiny", tiny_factory)
 for _arch in TINY_CLASSIFIERS[1:]:  # "tiny-b", "tiny-c": other architectures, same recipe
     register_classifier(_arch, functools.partial(tiny_factory, arch=_arch))
 register_diffusion("shapes", _shapes_diffusion)
+register_diffusion("shapes-sd3", _shapes_sd3_diffusion)
 register_diffusion("tiny", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd15", _tiny_diffusion("sd15"))
 register_diffusion("tiny-sd2", _tiny_diffusion("sd2"))

@@ -3,11 +3,13 @@
 :func:`heldout_scenes` renders held-out shapes images with their masks (a stream no training
 image came from); :func:`word_maps` runs :class:`~attnpatch.diffusion.AttentionPipeline`
 (VAE -> DDIM inversion -> denoising under hijack -> ``store.aggregate("cross", r)``) and returns
-one token's maps; :func:`localisation` turns them into the label word's mass ratio
+one token's maps (for an SD3 stack such as ``"shapes-sd3"``: VAE -> ``flow_invert`` ->
+``flow_denoise`` under ``hijack``, the joint layers' image-to-text block, :func:`dit_maps`);
+:func:`localisation` turns them into the label word's mass ratio
 (:func:`~attnpatch.models.shapes_sd.label_mass_ratio`); :func:`centre_of_mass` locates a map;
 :func:`generate` samples images with the plain diffusers pipeline of the parts.
-``benchmarks/eval_shapes.py`` prints all of it; ``tests/models/test_shapes_semantics.py``
-asserts it.
+``benchmarks/eval_shapes.py`` prints all of it (``--model shapes-sd3`` for the DiT stack);
+``tests/models/test_shapes_semantics.py`` and ``test_shapes_sd3_semantics.py`` assert it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from ..diffusion import PROMPT_TEMPLATE, AttentionPipeline, DiffusionParts, toke
 from ..errors import InputError
 from .shapes_sd import label_mass_ratio
 
-__all__ = ["heldout_scenes", "word_maps", "localisation", "centre_of_mass", "generate"]
+__all__ = [
+    "heldout_scenes",
+    "word_maps",
+    "dit_maps",
+    "localisation",
+    "centre_of_mass",
+    "generate",
+]
 
 
 def heldout_scenes(
@@ -53,8 +62,9 @@ def word_maps(
     template: str = PROMPT_TEMPLATE,
     offset: int = 0,
     resolution: int | tuple[int, int] | None = None,
-    places: Sequence[str] = ("down", "mid", "up"),
+    places: Sequence[str] | None = None,
     half: str = "cond",
+    blocks: Sequence[int] | None = None,
     **pipeline: Any,
 ) -> torch.Tensor:
     """The label word's cross-attention ``(B, h, w)`` (heads, layers and steps averaged).
@@ -65,12 +75,15 @@ def word_maps(
         offset: read the token ``offset`` places after the word's (0: the word itself) — the
             neighbours an off-by-one index would read.
         resolution: map side (default: the pipeline's ``cross_resolution``).
-        places: which blocks to average (``"down"``, ``"mid"``, ``"up"``).
+        places: which blocks to average (UNet: ``"down"``, ``"mid"``, ``"up"``, default all;
+            SD3: ``"joint"``).
         half: ``"cond"`` or, with ``guidance_scale != 1``, ``"uncond"``: which half of the
             classifier-free batch ``[uncond; cond]`` to read.
+        blocks: SD3 only: which transformer blocks to average (default all).
         **pipeline: :class:`~attnpatch.diffusion.AttentionPipeline` arguments
             (``num_inference_steps``, ``num_steps``, ``guidance_scale``; ``image_size``
-            defaults to the images' size).
+            defaults to the images' size); for an SD3 stack :func:`dit_maps`' (the first
+            three).
     """
     if half not in ("cond", "uncond"):
         raise InputError(f"half must be 'cond' or 'uncond', got {half!r}")
@@ -78,22 +91,88 @@ def word_maps(
         raise InputError(
             'half="uncond" needs guidance_scale != 1 (a classifier-free batch); pass one'
         )
-    pipeline.setdefault("image_size", tuple(images.shape[-2:]))
-    pipe = AttentionPipeline(parts, **pipeline)
     prompts = [template.format(label=classes[int(i)]) for i in labels]
-    with torch.no_grad():
-        result = pipe(images, prompts)
-    res = pipe.cross_resolution if resolution is None else resolution
-    maps = result.cross.aggregate("cross", res, places)  # (rows, h, w, 77)
-    b = images.shape[0]
+    if parts.is_dit:
+        maps = dit_maps(parts, images, prompts, resolution=resolution, blocks=blocks, **pipeline)
+    else:
+        if blocks is not None:
+            raise InputError("blocks= selects transformer blocks of an SD3 stack; use places=")
+        pipeline.setdefault("image_size", tuple(images.shape[-2:]))
+        pipe = AttentionPipeline(parts, **pipeline)
+        with torch.no_grad():
+            result = pipe(images, prompts)
+        res = pipe.cross_resolution if resolution is None else resolution
+        maps = result.cross.aggregate("cross", res, places or ("down", "mid", "up"))
+    b = images.shape[0]  # maps: (rows, h, w, text tokens)
     rows = maps[-b:] if half == "cond" else maps[:b]  # the batch is [uncond; cond] under CFG
     index = torch.tensor(
         [
-            token_indices(parts.tokenizer, p, classes[int(i)])[0] + offset
+            token_indices(parts.tokenizers, p, classes[int(i)])[0] + offset
             for p, i in zip(prompts, labels)
         ]
     )
     return rows[torch.arange(b), :, :, index]
+
+
+def dit_maps(
+    parts: DiffusionParts,
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    num_inference_steps: int = 10,
+    num_steps: int = 2,
+    guidance_scale: float = 1.0,
+    resolution: int | tuple[int, int] | None = None,
+    blocks: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """An SD3 stack's image-to-text attention, ``(rows, h, w, T)``, the DiT analogue of
+    :class:`~attnpatch.diffusion.AttentionPipeline`'s ``cross`` maps.
+
+    ``images`` ``(B, 3, H, W)`` in [0, 1], ``H`` and ``W`` multiples of the VAE factor times
+    the patch size (4 for ``"shapes-sd3"``) -> ``vae_encode`` -> ``flow_invert`` (the last
+    ``num_steps`` of ``num_inference_steps`` Euler steps, cond only) -> ``flow_denoise`` under
+    ``hijack(parts.transformer, AttentionStore(kinds=("cross",)))`` with ``guidance_scale``
+    (rows ``[uncond; cond]`` = 2B when it is not 1, else B). Heads, steps and the joint layers
+    of ``blocks`` (default all) are averaged; ``(h, w)`` is the token grid (latent / patch),
+    ``T`` the text length (SD3: 77 + 256). The values are the joint softmax's image-to-text
+    block, not renormalised over the text.
+    """
+    from ..diffusion import encode_prompt, flow_denoise, flow_invert, vae_encode
+    from ..hooks import AttentionStore, hijack
+
+    if len(prompts) != images.shape[0]:
+        raise InputError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+    multiple = parts.vae_scale_factor * int(parts.transformer.config.patch_size)
+    if images.shape[-2] % multiple or images.shape[-1] % multiple:
+        raise InputError(
+            f"image sides must be multiples of {multiple} (VAE factor x patch size), got "
+            f"{tuple(images.shape[-2:])}; render or resize the images to such a size"
+        )
+    n_blocks = int(parts.transformer.config.num_layers)
+    if blocks is not None and not set(blocks) <= set(range(n_blocks)):
+        raise InputError(
+            f"no joint layer in blocks {list(blocks)}: the transformer has blocks 0..{n_blocks - 1}"
+        )
+    embeds = encode_prompt(parts.tokenizers, parts.text_encoders, list(prompts))
+    kw = dict(num_inference_steps=num_inference_steps, num_steps=num_steps)
+    store = AttentionStore(kinds=("cross",))
+    with torch.no_grad():
+        z0 = vae_encode(parts.vae, images * 2 - 1)
+        zt = flow_invert(parts.transformer, parts.scheduler, z0, embeds, **kw)
+        with hijack(parts.transformer, store):
+            flow_denoise(
+                parts.transformer, parts.scheduler, zt, embeds, guidance_scale=guidance_scale, **kw
+            )
+    grid = (
+        z0.shape[-2] // int(parts.transformer.config.patch_size),
+        z0.shape[-1] // int(parts.transformer.config.patch_size),
+    )
+    res = grid if resolution is None else resolution
+    layers = store.maps("cross", res, ("joint",))
+    if blocks is not None:
+        wanted = {f"transformer_blocks.{i}.attn" for i in blocks}
+        layers = {k: v for k, v in layers.items() if k in wanted}
+    return torch.stack(list(layers.values())).mean(0)
 
 
 def localisation(

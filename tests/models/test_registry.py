@@ -29,6 +29,7 @@ def test_built_in_names():
     assert "tiny" in classifier_names()
     assert diffusion_names() == [
         "shapes",
+        "shapes-sd3",
         "tiny",
         "tiny-flux",
         "tiny-sd15",
