@@ -69,7 +69,7 @@ def _outcome(run: Path) -> tuple[bytes, list[dict]]:
     return pixels.numpy().tobytes(), records
 
 
-@pytest.mark.parametrize("stack", STACKS)
+@pytest.mark.parametrize("stack", [*STACKS, "shapes-sd3"])  # shapes-sd3: trained, shipped
 def test_train_runs_the_pipeline_and_resumes_exactly(stack, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert _train(whole, stack, 6) == 0
