@@ -73,6 +73,11 @@ def assert_same_run(a: Path, b: Path) -> None:
     pb, rb, sb = outcome(b)
     assert torch.equal(pa, pb)  # bit-identical patches
     assert [r["iteration"] for r in rb] == list(range(ITERATIONS))  # no duplicates, no gaps
+    # the environment's git state may change between two runs (a commit meanwhile): the rest
+    # of it (package versions, CPU) must agree, and every number
+    for s in (sa, sb):
+        for key in ("git_commit", "git_dirty"):
+            s.get("environment", {}).pop(key, None)
     assert ra == rb and sa == sb
 
 
