@@ -21,16 +21,20 @@ from typing import Any
 import torch
 
 from .._util import atomic_write, derive_seed, num_threads
+from ..data import SHAPE_CLASSES, shape_captions
 from ..diffusion import DiffusionParts
 from ..errors import ConfigError, RunFolderError
 
 __all__ = [
     "TrainRun",
     "check_sizes",
+    "draw_captions",
     "lr_factor",
     "mean_tail",
     "open_run",
+    "optimise",
     "run_main",
+    "set_lr",
     "train_steps",
     "write_train_info",
 ]
@@ -55,6 +59,40 @@ def check_sizes(config: Any) -> None:
     for name in ("pool", "batch_size", "checkpoint_every"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate of ``opt`` to ``lr``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def draw_captions(run: TrainRun, pool: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """A batch from ``run.generator``: ``idx (batch_size,)`` into the pool and the images'
+    captions from :func:`~attnpatch.data.shape_captions`, redrawn (colour and background words,
+    empty captions) with the config's probabilities."""
+    c, g = run.config, run.generator
+    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
+    captions = shape_captions(
+        pool["labels"][idx],
+        SHAPE_CLASSES,
+        pool["colours"][idx],
+        generator=g,
+        p_colour=c.p_colour,
+        p_background=c.p_background,
+        p_empty=c.p_empty,
+    )
+    return idx, captions
+
+
+def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list) -> float:
+    """One step of ``opt`` on ``loss`` (gradients of ``params`` clipped to norm 1); returns the
+    loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
 
 
 class TrainRun:

@@ -27,16 +27,19 @@ import torch
 import torch.nn.functional as F
 
 from .._util import derive_seed, one_thread
-from ..data import SHAPE_CLASSES, render_shapes, shape_captions
+from ..data import SHAPE_CLASSES, render_shapes
 from ..diffusion import DiffusionParts
 from ..errors import ConfigError
 from ._shapes_training import (
     TrainRun,
     check_sizes,
+    draw_captions,
     lr_factor,
     mean_tail,
     open_run,
+    optimise,
     run_main,
+    set_lr,
     train_steps,
     write_train_info,
 )
@@ -147,18 +150,8 @@ def _unet_step(
 ) -> float:
     c, g, p = run.config, run.generator, run.parts
     k = run.step - c.vae_steps
-    for group in run.unet_opt.param_groups:
-        group["lr"] = c.unet_lr * lr_factor(k, c.unet_steps, c.warmup)
-    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
-    captions = shape_captions(
-        pool["labels"][idx],
-        SHAPE_CLASSES,
-        pool["colours"][idx],
-        generator=g,
-        p_colour=c.p_colour,
-        p_background=c.p_background,
-        p_empty=c.p_empty,
-    )
+    set_lr(run.unet_opt, c.unet_lr * lr_factor(k, c.unet_steps, c.warmup))
+    idx, captions = draw_captions(run, pool)
     ids = p.tokenizer(
         captions,
         padding="max_length",
@@ -172,11 +165,7 @@ def _unet_step(
     zt = noise_sched.add_noise(z0, noise, t)
     cond = p.text_encoder(ids)[0]
     loss = F.mse_loss(p.unet(zt, t, cond).sample, noise)
-    run.unet_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.unet_opt.param_groups[0]["params"], 1.0)
-    run.unet_opt.step()
-    return loss.item()
+    return optimise(run.unet_opt, loss, run.unet_opt.param_groups[0]["params"])
 
 
 def _train_steps(

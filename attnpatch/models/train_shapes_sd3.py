@@ -35,17 +35,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..data import SHAPE_CLASSES, shape_captions
 from ..diffusion import DiffusionParts
 from ..errors import ConfigError
 from ._sd3_compact import compact_condition, multiplicity_bias
 from ._shapes_training import (
     TrainRun,
     check_sizes,
+    draw_captions,
     lr_factor,
     mean_tail,
     open_run,
+    optimise,
     run_main,
+    set_lr,
     train_steps,
     write_train_info,
 )
@@ -154,18 +156,8 @@ def encode_pool(parts: DiffusionParts, images: torch.Tensor) -> torch.Tensor:
 
 def _step(run: _Run, pool: dict[str, torch.Tensor], latents: torch.Tensor) -> float:
     c, g, p = run.config, run.generator, run.parts
-    for group in run.opt.param_groups:
-        group["lr"] = c.lr * lr_factor(run.step, c.steps, c.warmup)
-    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
-    captions = shape_captions(
-        pool["labels"][idx],
-        SHAPE_CLASSES,
-        pool["colours"][idx],
-        generator=g,
-        p_colour=c.p_colour,
-        p_background=c.p_background,
-        p_empty=c.p_empty,
-    )
+    set_lr(run.opt, c.lr * lr_factor(run.step, c.steps, c.warmup))
+    idx, captions = draw_captions(run, pool)
     x0 = latents[idx]
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.sigmoid(torch.randn(c.batch_size, generator=g))
@@ -184,11 +176,7 @@ def _step(run: _Run, pool: dict[str, torch.Tensor], latents: torch.Tensor) -> fl
             return_dict=False,
         )[0]
     loss = F.mse_loss(v, noise - x0)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-    run.opt.step()
-    return loss.item()
+    return optimise(run.opt, loss, run.params)
 
 
 def _train_steps(
