@@ -21,23 +21,19 @@ import argparse
 import time
 
 import torch
+from shapes_report import (
+    report_halves_and_quadrants,
+    report_offsets,
+    report_recognition,
+    summary,
+)
 
 from attnpatch import viz
 from attnpatch.data import SHAPE_CLASSES
 from attnpatch.models import load_classifier, load_diffusion
-from attnpatch.models.shapes_eval import (
-    centre_of_mass,
-    generate,
-    heldout_scenes,
-    localisation,
-    word_maps,
-)
+from attnpatch.models.shapes_eval import centre_of_mass, heldout_scenes, localisation, word_maps
 from attnpatch.models.shapes_sd import label_mass_ratio
 from attnpatch.testing import tiny_sd
-
-
-def summary(r: torch.Tensor) -> str:
-    return f"median {r.median():.2f}  >1.5: {(r > 1.5).float().mean():4.0%}  mean {r.mean():.2f}"
 
 
 def main() -> None:
@@ -62,39 +58,20 @@ def main() -> None:
 
     print("\n2. the semantic checks (N=10, k=2, 8x8)")
     images, labels, masks = scenes["images"], scenes["labels"], scenes["masks"]
-    for offset in (-1, 0, 1):
-        r = label_mass_ratio(word_maps(parts, images, labels, offset=offset), masks)
-        print(f"  token offset {offset:+d}: {summary(r)}")
+    report_offsets(parts, images, labels, masks)
     down = word_maps(parts, images, labels, places=("down",))
     up = word_maps(parts, images, labels, places=("up",))
     gap = (centre_of_mass(down) - centre_of_mass(up)).norm(dim=1)
     print(f"  down: {summary(label_mass_ratio(down, masks))}")
     print(f"  up:   {summary(label_mass_ratio(up, masks))}")
     print(f"  down vs up centre of mass distance (fraction of side): median {gap.median():.3f}")
-    for half in ("cond", "uncond"):
-        m = word_maps(parts, images, labels, guidance_scale=3.0, half=half)
-        print(f"  CFG 3.0, {half:6s} half: {summary(label_mass_ratio(m, masks))}")
-    corners = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
-    for size in ((32, 48), (48, 32)):
-        centres = corners.repeat(args.n // 4, 1)
-        s = heldout_scenes(len(centres), seed=2, size=size, centres=centres)
-        com = centre_of_mass(word_maps(parts, s["images"], s["labels"]))
-        right = ((com > 0.5) == (centres > 0.5)).all(dim=1).float().mean()
-        print(f"  {size[0]}x{size[1]} input: centre of mass in the object's quadrant {right:.0%}")
+    report_halves_and_quadrants(parts, images, labels, masks, args.n)
 
     print("\n3. generation (parts.pipeline(), 25 DDIM steps)")
     clf = load_classifier("tiny")
     per = 20
     for scale in (1.0, 3.0, 5.0):
-        prompts = [f"a photo of a {c}" for c in SHAPE_CLASSES for _ in range(per)]
-        imgs = generate(parts, prompts, seed=0, guidance_scale=scale)
-        with torch.no_grad():
-            pred = clf(imgs).argmax(1)
-        wanted = torch.arange(len(SHAPE_CLASSES)).repeat_interleave(per)
-        rates = [(pred[wanted == c] == c).float().mean().item() for c in range(5)]
-        total = (pred == wanted).float().mean()
-        each = " ".join(f"{c} {r:.0%}" for c, r in zip(SHAPE_CLASSES, rates))
-        print(f"  guidance {scale}: recognised {total:.0%} (chance 20%)  [{each}]")
+        imgs, pred, wanted = report_recognition(parts, clf, scale, per)
         if scale == 3.0 and args.figure:
             keep = torch.arange(len(imgs)).view(5, per)[:, :8].reshape(-1)
             said = [SHAPE_CLASSES[int(p)] for p in pred[keep]]

@@ -21,22 +21,17 @@ import argparse
 import time
 
 import torch
-
-from attnpatch.data import SHAPE_CLASSES
-from attnpatch.models import load_classifier, load_diffusion, shapes_sd3
-from attnpatch.models.shapes_eval import (
-    centre_of_mass,
-    generate,
-    heldout_scenes,
-    localisation,
-    word_maps,
+from shapes_report import (
+    report_halves_and_quadrants,
+    report_offsets,
+    report_recognition,
+    summary,
 )
+
+from attnpatch.models import load_classifier, load_diffusion, shapes_sd3
+from attnpatch.models.shapes_eval import heldout_scenes, localisation, word_maps
 from attnpatch.models.shapes_sd import label_mass_ratio
 from attnpatch.testing import tiny_sd3
-
-
-def summary(r: torch.Tensor) -> str:
-    return f"median {r.median():.2f}  >1.5: {(r > 1.5).float().mean():4.0%}  mean {r.mean():.2f}"
 
 
 def main() -> None:
@@ -65,34 +60,14 @@ def main() -> None:
     for b in range(n_blocks):
         r = label_mass_ratio(word_maps(parts, images, labels, blocks=[b]), masks)
         print(f"  block {b}: {summary(r)}")
-    for offset in (-1, 0, 1):
-        r = label_mass_ratio(word_maps(parts, images, labels, offset=offset), masks)
-        print(f"  token offset {offset:+d}: {summary(r)}")
-    for half in ("cond", "uncond"):
-        m = word_maps(parts, images, labels, guidance_scale=3.0, half=half)
-        print(f"  CFG 3.0, {half:6s} half: {summary(label_mass_ratio(m, masks))}")
-    corners = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
-    for size in ((32, 48), (48, 32)):
-        centres = corners.repeat(args.n // 4, 1)
-        s = heldout_scenes(len(centres), seed=2, size=size, centres=centres)
-        com = centre_of_mass(word_maps(parts, s["images"], s["labels"]))
-        right = ((com > 0.5) == (centres > 0.5)).all(dim=1).float().mean()
-        print(f"  {size[0]}x{size[1]} input: centre of mass in the object's quadrant {right:.0%}")
+    report_offsets(parts, images, labels, masks)
+    report_halves_and_quadrants(parts, images, labels, masks, args.n)
 
     if not args.no_generation:
         print("\n3. generation (parts.pipeline(): StableDiffusion3Pipeline, 25 Euler steps)")
         clf = load_classifier("tiny")
-        per = 20
         for scale in (1.0, 3.0, 5.0):
-            prompts = [f"a photo of a {c}" for c in SHAPE_CLASSES for _ in range(per)]
-            imgs = generate(parts, prompts, seed=0, guidance_scale=scale)
-            with torch.no_grad():
-                pred = clf(imgs).argmax(1)
-            wanted = torch.arange(len(SHAPE_CLASSES)).repeat_interleave(per)
-            rates = [(pred[wanted == c] == c).float().mean().item() for c in range(5)]
-            total = (pred == wanted).float().mean()
-            each = " ".join(f"{c} {r:.0%}" for c, r in zip(SHAPE_CLASSES, rates))
-            print(f"  guidance {scale}: recognised {total:.0%} (chance 20%)  [{each}]")
+            report_recognition(parts, clf, scale)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

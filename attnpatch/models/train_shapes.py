@@ -19,12 +19,6 @@ with its defaults (docs/models.md).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +26,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._util import atomic_write, derive_seed, one_thread
-from ..data import SHAPE_CLASSES, render_shapes, shape_captions
+from .._util import derive_seed, one_thread
+from ..data import SHAPE_CLASSES, render_shapes
 from ..diffusion import DiffusionParts
-from ..errors import ConfigError, RunFolderError
+from ..errors import ConfigError
+from ._shapes_training import (
+    TrainRun,
+    check_sizes,
+    draw_captions,
+    lr_factor,
+    mean_tail,
+    open_run,
+    optimise,
+    run_main,
+    set_lr,
+    train_steps,
+    write_train_info,
+)
 from .shapes_sd import SHAPES_IMAGE_SIZE, shapes_sd
 from .tiny import save_tiny_sd
 
@@ -61,9 +68,7 @@ class ShapesTrainConfig:
     checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
-        for name in ("pool", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_sizes(self)
         if self.vae_steps < 0 or self.unet_steps < 0:
             raise ConfigError("vae_steps and unet_steps must be >= 0")
 
@@ -91,60 +96,26 @@ def render_pool(config: ShapesTrainConfig) -> dict[str, torch.Tensor]:
     return {"images": images, "masks": masks, "labels": labels, "colours": colours}
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+class _Run(TrainRun):
+    """The mutable state of a training run (what the checkpoint holds): the shared state, the
+    VAE's ``scaling_factor``, the three networks and both stages' optimizers."""
 
-
-class _Run:
-    """The mutable state of a training run (what the checkpoint holds)."""
+    weights = ("vae", "unet", "text_encoder")
+    optimizers = ("vae_opt", "unet_opt")
 
     def __init__(self, config: ShapesTrainConfig):
-        self.config = config
-        self.parts = shapes_sd(config.seed, trainable=True)
-        self.step = 0  # global: VAE steps first, then UNet steps
-        self.generator = torch.Generator().manual_seed(
-            derive_seed("attnpatch-shapes-sd", config.seed)
-        )
-        self.losses: list[float] = []
-        self.seconds = 0.0
+        super().__init__(config, shapes_sd(config.seed, trainable=True), "attnpatch-shapes-sd")
+        # run.step is global: VAE steps first, then UNet steps
         p = self.parts
         self.vae_opt = torch.optim.Adam(p.vae.parameters(), lr=config.vae_lr)
         params = list(p.unet.parameters()) + list(p.text_encoder.parameters())
         self.unet_opt = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
 
-    def state_dict(self) -> dict[str, Any]:
-        p = self.parts
-        return {
-            "config": dataclasses.asdict(self.config),
-            "step": self.step,
-            "generator": self.generator.get_state(),
-            "losses": self.losses,
-            "seconds": self.seconds,
-            "scaling_factor": p.vae.config.scaling_factor,
-            "vae": p.vae.state_dict(),
-            "unet": p.unet.state_dict(),
-            "text_encoder": p.text_encoder.state_dict(),
-            "vae_opt": self.vae_opt.state_dict(),
-            "unet_opt": self.unet_opt.state_dict(),
-        }
+    def _extra_state(self) -> dict[str, Any]:
+        return {"scaling_factor": self.parts.vae.config.scaling_factor}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"] != dataclasses.asdict(self.config):
-            raise RunFolderError(
-                "the checkpoint was written with other settings: "
-                f"{state['config']} vs {dataclasses.asdict(self.config)}; resume with the same "
-                "flags, or start a new --out folder"
-            )
-        p = self.parts
-        self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
-        self.generator.set_state(state["generator"])
-        p.vae.register_to_config(scaling_factor=state["scaling_factor"])
-        for name in ("vae", "unet", "text_encoder"):
-            getattr(p, name).load_state_dict(state[name])
-        self.vae_opt.load_state_dict(state["vae_opt"])
-        self.unet_opt.load_state_dict(state["unet_opt"])
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.parts.vae.register_to_config(scaling_factor=state["scaling_factor"])
 
 
 def _vae_step(run: _Run, pool: dict[str, torch.Tensor]) -> float:
@@ -179,18 +150,8 @@ def _unet_step(
 ) -> float:
     c, g, p = run.config, run.generator, run.parts
     k = run.step - c.vae_steps
-    for group in run.unet_opt.param_groups:
-        group["lr"] = c.unet_lr * _lr_factor(k, c.unet_steps, c.warmup)
-    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
-    captions = shape_captions(
-        pool["labels"][idx],
-        SHAPE_CLASSES,
-        pool["colours"][idx],
-        generator=g,
-        p_colour=c.p_colour,
-        p_background=c.p_background,
-        p_empty=c.p_empty,
-    )
+    set_lr(run.unet_opt, c.unet_lr * lr_factor(k, c.unet_steps, c.warmup))
+    idx, captions = draw_captions(run, pool)
     ids = p.tokenizer(
         captions,
         padding="max_length",
@@ -204,11 +165,7 @@ def _unet_step(
     zt = noise_sched.add_noise(z0, noise, t)
     cond = p.text_encoder(ids)[0]
     loss = F.mse_loss(p.unet(zt, t, cond).sample, noise)
-    run.unet_opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.unet_opt.param_groups[0]["params"], 1.0)
-    run.unet_opt.step()
-    return loss.item()
+    return optimise(run.unet_opt, loss, run.unet_opt.param_groups[0]["params"])
 
 
 def _train_steps(
@@ -224,34 +181,29 @@ def _train_steps(
     from diffusers import DDPMScheduler
 
     c, p = run.config, run.parts
-    total = c.vae_steps + c.unet_steps
     noise_sched = DDPMScheduler.from_config(p.scheduler.config)
     latents = None
-    while run.step < until:
-        t0 = time.perf_counter()
+
+    def step() -> float:
+        nonlocal latents
         if run.step < c.vae_steps:
             p.vae.train()
-            loss = _vae_step(run, pool)
-        else:
-            if latents is None:
-                raw = _encode_pool(p, pool["images"])
-                if run.step == c.vae_steps:  # the VAE stage just ended: fix its scale
-                    p.vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
-                latents = raw * p.vae.config.scaling_factor
-                p.vae.requires_grad_(False)
-            p.unet.train()
-            p.text_encoder.train()
-            loss = _unet_step(run, pool, latents, noise_sched)
-        run.losses.append(loss)
-        run.step += 1
-        run.seconds += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
-            stage = "vae" if run.step <= c.vae_steps else "unet"
-            bar.set_postfix(stage=stage, loss=f"{loss:.4f}")
-        if ckpt is not None and (run.step % c.checkpoint_every == 0 or run.step == total):
-            with atomic_write(ckpt) as tmp:
-                torch.save(run.state_dict(), tmp)
+            return _vae_step(run, pool)
+        if latents is None:
+            raw = _encode_pool(p, pool["images"])
+            if run.step == c.vae_steps:  # the VAE stage just ended: fix its scale
+                p.vae.register_to_config(scaling_factor=float(1.0 / raw.std()))
+            latents = raw * p.vae.config.scaling_factor
+            p.vae.requires_grad_(False)
+        p.unet.train()
+        p.text_encoder.train()
+        return _unet_step(run, pool, latents, noise_sched)
+
+    def stage(done: int) -> str:
+        return "vae" if done <= c.vae_steps else "unet"
+
+    total = c.vae_steps + c.unet_steps
+    train_steps(run, until, total, step, ckpt=ckpt, bar=bar, stage=stage)
 
 
 def train_shapes(
@@ -265,16 +217,7 @@ def train_shapes(
     from tqdm.auto import tqdm
 
     config = config or ShapesTrainConfig()
-    out = Path(out)
-    ckpt = out / "checkpoint.pt"
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise RunFolderError(
-            f"{out} is not empty; pass --resume to continue its run, or choose a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    run = _Run(config)
-    if resume and ckpt.is_file():
-        run.load_state_dict(torch.load(ckpt, weights_only=False))
+    run, out, ckpt = open_run(out, resume, lambda: _Run(config))
     pool = render_pool(config)
     total = config.vae_steps + config.unet_steps
     bar = tqdm(total=total, initial=run.step, disable=not progress, desc="train_shapes")
@@ -288,46 +231,20 @@ def _write_model(run: _Run, out: Path) -> dict[str, Any]:
     for net in (p.unet, p.vae, p.text_encoder):
         net.eval().requires_grad_(False)
     save_tiny_sd(p, out)
-    files = sorted(out.glob("*/*.safetensors"))
-    info = {
-        "config": dataclasses.asdict(c),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "train_seconds": round(run.seconds, 1),
+    fields = {
         "scaling_factor": p.vae.config.scaling_factor,
         "final_losses": {
-            "vae": _mean_tail(run.losses[: c.vae_steps]),
-            "unet": _mean_tail(run.losses[c.vae_steps :]),
-        },
-        "sha256": {
-            str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+            "vae": mean_tail(run.losses[: c.vae_steps]),
+            "unet": mean_tail(run.losses[c.vae_steps :]),
         },
     }
-    with atomic_write(out / "train_info.json") as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-    return info
-
-
-def _mean_tail(values: list[float], n: int = 50) -> float | None:
-    return round(sum(values[-n:]) / len(values[-n:]), 5) if values else None
+    return write_train_info(run, out, fields)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnpatch.models.train_shapes")
-    parser.add_argument("--out", required=True, help="the output folder (a diffusers model)")
-    parser.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
-    parser.add_argument("--no-progress", action="store_true")
-    for f in dataclasses.fields(ShapesTrainConfig):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default
-        )
-    args = parser.parse_args(argv)
-    config = ShapesTrainConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesTrainConfig)}
+    return run_main(
+        "python -m attnpatch.models.train_shapes", ShapesTrainConfig, train_shapes, argv
     )
-    info = train_shapes(args.out, config, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(info, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -27,12 +27,7 @@ script's output with its defaults (docs/models.md).
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import hashlib
-import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,14 +35,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .._util import atomic_write, derive_seed, num_threads
-from ..data import SHAPE_CLASSES, shape_captions
 from ..diffusion import DiffusionParts
-from ..errors import ConfigError, RunFolderError
+from ..errors import ConfigError
 from ._sd3_compact import compact_condition, multiplicity_bias
+from ._shapes_training import (
+    TrainRun,
+    check_sizes,
+    draw_captions,
+    lr_factor,
+    mean_tail,
+    open_run,
+    optimise,
+    run_main,
+    set_lr,
+    train_steps,
+    write_train_info,
+)
 from .shapes_sd3 import shapes_sd3, trainable_parameters
 from .tiny_dit import save_tiny_dit
-from .train_shapes import _lr_factor, _mean_tail, render_pool
+from .train_shapes import render_pool
 
 __all__ = ["ShapesSD3TrainConfig", "sd3_condition", "train_shapes_sd3", "main"]
 
@@ -73,9 +79,7 @@ class ShapesSD3TrainConfig:
     min_t5_length: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("pool", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_sizes(self)
         if self.steps < 0:
             raise ConfigError(f"steps must be >= 0, got {self.steps}")
         if not 1 <= self.min_t5_length <= T5_LENGTH:
@@ -122,48 +126,17 @@ def sd3_condition(
     return (*out, all_ids[0]) if return_ids else out
 
 
-class _Run:
-    """The mutable state of a training run (what the checkpoint holds)."""
+class _Run(TrainRun):
+    """The mutable state of a training run (what the checkpoint holds): the shared state, the
+    transformer's and both CLIPs' weights and the optimizer."""
+
+    weights = ("transformer", "text_encoder", "text_encoder_2")
+    optimizers = ("opt",)
 
     def __init__(self, config: ShapesSD3TrainConfig):
-        self.config = config
-        self.parts = shapes_sd3(config.seed, trainable=True)
-        self.step = 0
-        self.generator = torch.Generator().manual_seed(
-            derive_seed("attnpatch-shapes-sd3", config.seed)
-        )
-        self.losses: list[float] = []
-        self.seconds = 0.0
+        super().__init__(config, shapes_sd3(config.seed, trainable=True), "attnpatch-shapes-sd3")
         self.params = trainable_parameters(self.parts)
         self.opt = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=1e-2)
-
-    def state_dict(self) -> dict[str, Any]:
-        p = self.parts
-        return {
-            "config": dataclasses.asdict(self.config),
-            "step": self.step,
-            "generator": self.generator.get_state(),
-            "losses": self.losses,
-            "seconds": self.seconds,
-            "transformer": p.transformer.state_dict(),
-            "text_encoder": p.text_encoder.state_dict(),
-            "text_encoder_2": p.text_encoder_2.state_dict(),
-            "opt": self.opt.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["config"] != dataclasses.asdict(self.config):
-            raise RunFolderError(
-                "the checkpoint was written with other settings: "
-                f"{state['config']} vs {dataclasses.asdict(self.config)}; resume with the same "
-                "flags, or start a new --out folder"
-            )
-        p = self.parts
-        self.step, self.losses, self.seconds = state["step"], state["losses"], state["seconds"]
-        self.generator.set_state(state["generator"])
-        for name in ("transformer", "text_encoder", "text_encoder_2"):
-            getattr(p, name).load_state_dict(state[name])
-        self.opt.load_state_dict(state["opt"])
 
 
 @torch.no_grad()
@@ -183,18 +156,8 @@ def encode_pool(parts: DiffusionParts, images: torch.Tensor) -> torch.Tensor:
 
 def _step(run: _Run, pool: dict[str, torch.Tensor], latents: torch.Tensor) -> float:
     c, g, p = run.config, run.generator, run.parts
-    for group in run.opt.param_groups:
-        group["lr"] = c.lr * _lr_factor(run.step, c.steps, c.warmup)
-    idx = torch.randint(c.pool, (c.batch_size,), generator=g)
-    captions = shape_captions(
-        pool["labels"][idx],
-        SHAPE_CLASSES,
-        pool["colours"][idx],
-        generator=g,
-        p_colour=c.p_colour,
-        p_background=c.p_background,
-        p_empty=c.p_empty,
-    )
+    set_lr(run.opt, c.lr * lr_factor(run.step, c.steps, c.warmup))
+    idx, captions = draw_captions(run, pool)
     x0 = latents[idx]
     noise = torch.randn(x0.shape, generator=g)
     sigma = torch.sigmoid(torch.randn(c.batch_size, generator=g))
@@ -213,11 +176,7 @@ def _step(run: _Run, pool: dict[str, torch.Tensor], latents: torch.Tensor) -> fl
             return_dict=False,
         )[0]
     loss = F.mse_loss(v, noise - x0)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-    run.opt.step()
-    return loss.item()
+    return optimise(run.opt, loss, run.params)
 
 
 def _train_steps(
@@ -233,18 +192,7 @@ def _train_steps(
     c, p = run.config, run.parts
     latents = encode_pool(p, pool["images"])
     p.transformer.train()
-    while run.step < until:
-        t0 = time.perf_counter()
-        loss = _step(run, pool, latents)
-        run.losses.append(loss)
-        run.step += 1
-        run.seconds += time.perf_counter() - t0
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        if ckpt is not None and (run.step % c.checkpoint_every == 0 or run.step == c.steps):
-            with atomic_write(ckpt) as tmp:
-                torch.save(run.state_dict(), tmp)
+    train_steps(run, until, c.steps, lambda: _step(run, pool, latents), ckpt=ckpt, bar=bar)
 
 
 def train_shapes_sd3(
@@ -258,16 +206,7 @@ def train_shapes_sd3(
     from tqdm.auto import tqdm
 
     config = config or ShapesSD3TrainConfig()
-    out = Path(out)
-    ckpt = out / "checkpoint.pt"
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise RunFolderError(
-            f"{out} is not empty; pass --resume to continue its run, or choose a new --out"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    run = _Run(config)
-    if resume and ckpt.is_file():
-        run.load_state_dict(torch.load(ckpt, weights_only=False))
+    run, out, ckpt = open_run(out, resume, lambda: _Run(config))
     pool = render_pool(config)  # reads .seed and .pool: the "shapes" stack's pool
     bar = tqdm(total=config.steps, initial=run.step, disable=not progress, desc="shapes-sd3")
     _train_steps(run, pool, config.steps, ckpt=ckpt, bar=bar)
@@ -276,48 +215,28 @@ def train_shapes_sd3(
 
 
 def _write_model(run: _Run, out: Path) -> dict[str, Any]:
-    p, c = run.parts, run.config
+    p = run.parts
     for net in p.modules():
         net.eval().requires_grad_(False)
     save_tiny_dit(p, out)
-    files = sorted(out.glob("*/*.safetensors"))
-    info = {
-        "config": dataclasses.asdict(c),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "train_seconds": round(run.seconds, 1),
+    fields = {
         "steps_done": run.step,
-        "final_loss": _mean_tail(run.losses),
+        "final_loss": mean_tail(run.losses),
         "loss_curve": [
-            _mean_tail(run.losses[: i + 1], 100) for i in range(99, len(run.losses), 500)
+            mean_tail(run.losses[: i + 1], 100) for i in range(99, len(run.losses), 500)
         ],
-        "sha256": {
-            str(f.relative_to(out)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files
-        },
     }
-    with atomic_write(out / "train_info.json") as tmp:
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    return write_train_info(run, out, fields)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnpatch.models.train_shapes_sd3")
-    parser.add_argument("--out", required=True, help="the output folder (a diffusers model)")
-    parser.add_argument("--resume", action="store_true", help="continue DIR/checkpoint.pt")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    for f in dataclasses.fields(ShapesSD3TrainConfig):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default
-        )
-    args = parser.parse_args(argv)
-    config = ShapesSD3TrainConfig(
-        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesSD3TrainConfig)}
+    return run_main(
+        "python -m attnpatch.models.train_shapes_sd3",
+        ShapesSD3TrainConfig,
+        train_shapes_sd3,
+        argv,
+        threads_flag=True,
     )
-    with num_threads(args.threads):
-        info = train_shapes_sd3(args.out, config, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps(info, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

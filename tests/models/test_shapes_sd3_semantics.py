@@ -18,11 +18,9 @@ import torch
 
 from attnpatch.data import SHAPE_CLASSES
 from attnpatch.errors import InputError
-from attnpatch.models import load_classifier, load_diffusion, shapes_sd3
+from attnpatch.models import load_diffusion, shapes_sd3
 from attnpatch.models.shapes_eval import (
-    centre_of_mass,
     dit_maps,
-    generate,
     heldout_scenes,
     localisation,
     word_maps,
@@ -65,15 +63,10 @@ def test_as_many_images_localise_as_with_the_unet_stack():
 
 
 @pytest.mark.parametrize("size", [(32, 48), (48, 32)])
-def test_non_square_inputs_put_the_attention_in_the_objects_quadrant(size):
+def test_non_square_inputs_put_the_attention_in_the_objects_quadrant(size, shapes_checks):
     # A transposed (h, w) anywhere between the processor and the store fails this.
-    corners = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
-    centres = corners.repeat(5, 1)
-    scenes = heldout_scenes(20, seed=2, size=size, centres=centres)
-    maps = word_maps(_shapes(), scenes["images"], scenes["labels"])
+    maps, com, right = shapes_checks.quadrant_hits(_shapes(), size)
     assert maps.shape[-2:] == (size[0] // 4, size[1] // 4)  # latent / patch 2
-    com = centre_of_mass(maps)
-    right = ((com > 0.5) == (centres > 0.5)).all(dim=1).float().mean()
     assert right >= 0.9, com
 
 
@@ -99,32 +92,21 @@ def test_the_t5_copy_of_the_word_says_nothing():
     assert clip.median() > t5.median() + 0.5
 
 
-def test_under_cfg_the_conditional_half_localises_and_the_unconditional_does_not():
-    s = _scenes()
-    kw = dict(guidance_scale=3.0)
-    cond = label_mass_ratio(word_maps(_shapes(), s["images"], s["labels"], **kw), s["masks"])
-    uncond = word_maps(_shapes(), s["images"], s["labels"], half="uncond", **kw)
-    uncond = label_mass_ratio(uncond, s["masks"])
+def test_under_cfg_the_conditional_half_localises_and_the_unconditional_does_not(shapes_checks):
+    cond, uncond = shapes_checks.cfg_half_ratios(_shapes(), _scenes())
     assert cond.median() >= 2.0
     assert uncond.median() < 1.3 < cond.median() - 0.7
 
 
-@functools.cache
-def _recognised() -> float:
-    prompts = [f"a photo of a {c}" for c in SHAPE_CLASSES for _ in range(8)]
-    images = generate(_shapes(), prompts, seed=0)  # diffusers' StableDiffusion3Pipeline
-    assert images.shape == (40, 3, 32, 32)
-    clf = load_classifier("tiny")
-    with torch.no_grad():
-        pred = clf(images).argmax(1)
-    wanted = torch.arange(5).repeat_interleave(8)
-    return float((pred == wanted).float().mean())
+@pytest.fixture(scope="module")
+def recognised(shapes_checks) -> float:
+    return shapes_checks.recognition_rate(_shapes())  # diffusers' StableDiffusion3Pipeline
 
 
-def test_generation_makes_the_prompted_shape_more_often_than_chance():
+def test_generation_makes_the_prompted_shape_more_often_than_chance(recognised):
     # LOWER than the UNet stack's 0.6 (the xfail below): measured 0.375 here, 33 % on 100
     # samples at guidance 3 (docs/models.md); chance is 0.2
-    assert _recognised() >= 0.3
+    assert recognised >= 0.3
 
 
 @pytest.mark.xfail(
@@ -132,8 +114,8 @@ def test_generation_makes_the_prompted_shape_more_often_than_chance():
     reason="the UNet stack's bar (75 % there); shapes-sd3 generates the prompted shape in "
     "37.5 % of these 40 samples: its attention localises, its samples are poor",
 )
-def test_generation_makes_the_prompted_shape_as_often_as_the_unet_stack():
-    assert _recognised() >= 0.6
+def test_generation_makes_the_prompted_shape_as_often_as_the_unet_stack(recognised):
+    assert recognised >= 0.6
 
 
 def test_bad_arguments_are_refused_before_any_work():

@@ -13,12 +13,10 @@ import functools
 import pytest
 import torch
 
-from attnpatch.data import SHAPE_CLASSES
 from attnpatch.errors import InputError
-from attnpatch.models import load_classifier, load_diffusion
+from attnpatch.models import load_diffusion
 from attnpatch.models.shapes_eval import (
     centre_of_mass,
-    generate,
     heldout_scenes,
     localisation,
     word_maps,
@@ -59,15 +57,10 @@ def test_the_label_word_attends_to_its_object_and_random_weights_do_not():
 
 
 @pytest.mark.parametrize("size", [(32, 48), (48, 32)])
-def test_non_square_inputs_put_the_attention_in_the_objects_quadrant(size):
+def test_non_square_inputs_put_the_attention_in_the_objects_quadrant(size, shapes_checks):
     # A transposed (h, w) anywhere between the processor and aggregate() fails this.
-    corners = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
-    centres = corners.repeat(5, 1)
-    scenes = heldout_scenes(20, seed=2, size=size, centres=centres)
-    maps = word_maps(_shapes(), scenes["images"], scenes["labels"])
+    maps, com, right = shapes_checks.quadrant_hits(_shapes(), size)
     assert maps.shape[-2:] == (size[0] // 4, size[1] // 4)  # latent / 2
-    com = centre_of_mass(maps)
-    right = ((com > 0.5) == (centres > 0.5)).all(dim=1).float().mean()
     assert right >= 0.9, com
 
 
@@ -90,25 +83,14 @@ def test_down_and_up_blocks_agree_on_where_the_object_is():
     assert gap.median() < 0.15
 
 
-def test_under_cfg_the_conditional_half_localises_and_the_unconditional_does_not():
-    s = _scenes()
-    kw = dict(guidance_scale=3.0)
-    cond = label_mass_ratio(word_maps(_shapes(), s["images"], s["labels"], **kw), s["masks"])
-    uncond = word_maps(_shapes(), s["images"], s["labels"], half="uncond", **kw)
-    uncond = label_mass_ratio(uncond, s["masks"])
+def test_under_cfg_the_conditional_half_localises_and_the_unconditional_does_not(shapes_checks):
+    cond, uncond = shapes_checks.cfg_half_ratios(_shapes(), _scenes())
     assert cond.median() >= 2.0
     assert uncond.median() < 1.3 < cond.median() - 0.7
 
 
-def test_generation_makes_the_prompted_shape():
-    prompts = [f"a photo of a {c}" for c in SHAPE_CLASSES for _ in range(8)]
-    images = generate(_shapes(), prompts, seed=0)
-    assert images.shape == (40, 3, 32, 32)
-    clf = load_classifier("tiny")
-    with torch.no_grad():
-        pred = clf(images).argmax(1)
-    wanted = torch.arange(5).repeat_interleave(8)
-    assert (pred == wanted).float().mean() >= 0.6  # chance is 0.2
+def test_generation_makes_the_prompted_shape(shapes_checks):
+    assert shapes_checks.recognition_rate(_shapes()) >= 0.6  # chance is 0.2
 
 
 def test_bad_half_or_a_missing_cfg_batch_is_refused_before_any_work():
