@@ -203,8 +203,9 @@ class AttentionPipeline:
 
     def resize_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A patch mask ``(B, 1, H, W)`` in [0, 1] at the diffusion input's size, resized as the
-        images are, so it lines up with the attention maps (an integer factor above them)."""
-        return resize(mask, self.image_size)
+        images are, so it lines up with the attention maps (an integer factor above them).
+        Clamped to [0, 1]: resampling may round a full cell to 1 + 1e-7 on some builds."""
+        return resize(mask, self.image_size).clamp(0.0, 1.0)
 
     # -- the pass -----------------------------------------------------------------------------
     def __call__(

@@ -416,7 +416,8 @@ def _apply(images, pixels, mask, params: PatchParams) -> tuple[torch.Tensor, tor
     else:
         placed = _warp(src, patch_matrix(params), (H, W), B)
     # The mask is a function of the mask buffer only: no gradient path to the patch.
-    premult, placed_mask = placed[:, :3], placed[:, 3:].detach()
+    # Clamped: bilinear warping may round a covered pixel to 1 + 1e-7 on some torch builds.
+    premult, placed_mask = placed[:, :3], placed[:, 3:].detach().clamp(0.0, 1.0)
     patched = images * (1 - placed_mask) + premult
     # Convex in exact arithmetic; the clamp only removes float rounding (~1e-7) inside the mask.
     patched = torch.where(placed_mask > 0, patched.clamp(0.0, 1.0), images)

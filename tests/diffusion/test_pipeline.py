@@ -133,3 +133,20 @@ def test_cross_maps_without_a_resolution_is_a_typed_error(deep):
     with pytest.raises(ap.errors.InputError, match="needs a resolution"):
         result.cross_maps(None)
     assert result.cross_maps(pipe.cross_resolution).shape[-1] == 77
+
+
+def test_a_resized_hard_mask_stays_in_unit_range_for_the_region_losses():
+    """Antialiased resizing of a 0/1 mask from 224 to 64 px rounds full cells to 1 + 2.4e-7
+    (torch 2.13 and 2.14); the losses refuse a mask above 1, so the pipeline clamps it."""
+    from types import SimpleNamespace
+
+    from attnpatch.diffusion.pipeline import AttentionPipeline, resize
+    from attnpatch.losses.image import downsample_mask
+
+    mask = torch.zeros(2, 1, 224, 224)
+    mask[:, :, 50:100, 60:110] = 1
+    assert resize(mask, (64, 64)).max() > 1  # the rounding this guards against
+    out = AttentionPipeline.resize_mask(SimpleNamespace(image_size=(64, 64)), mask)
+    assert out.shape == (2, 1, 64, 64)
+    assert out.min() >= 0 and out.max() == 1
+    assert downsample_mask(out, (16, 16)).max() <= 1
