@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 
+from dit_parts import DIT_MODELS, build_dit, dit_blocks, dit_embeds, flux_per_block
 from timing import PeakMeter, machine
 
 #: The SD 1.x / 2.x / SDXL ``AutoencoderKL`` (``vae/config.json``; SDXL differs only in
@@ -70,6 +71,8 @@ MODELS = {
     "sdxl": ("sdxl", 0.13025, 1280),
     "tiny": (None, None, None),  # attnpatch.testing.tiny_sd("sd15", deep=True): a smoke test
 }
+#: every --model: the UNets above and the diffusion transformers of dit_parts.py
+ALL_MODELS = sorted([*MODELS, *DIT_MODELS])
 
 
 def build(model: str, dtype, device: str):
@@ -111,6 +114,8 @@ def child(a: argparse.Namespace) -> dict:
         PromptEmbeds,
         ddim_denoise,
         ddim_invert,
+        flow_denoise,
+        flow_invert,
         sdxl_added_cond_kwargs,
         vae_encode,
     )
@@ -124,10 +129,18 @@ def child(a: argparse.Namespace) -> dict:
     from attnpatch.testing import tiny_classifier
 
     torch.manual_seed(0)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
-    parts = build(a.model, dtype, a.device)
+    dit = a.model in DIT_MODELS
+    if dit:
+        if a.peers:
+            raise SystemExit("--peers: diffusers' classic AttnProcessor is for UNets only")
+        parts = build_dit(a.model, dtype, a.device, _blocks(a.flux_blocks))
+    else:
+        parts = build(a.model, dtype, a.device)
     if a.peers:
         parts.unet.set_attn_processor(AttnProcessor())
     classifier = tiny_classifier().to(dev).requires_grad_(False)
@@ -141,20 +154,23 @@ def child(a: argparse.Namespace) -> dict:
         image_size=a.px,
         memory=memory,
     )
-    dim = parts.unet.config.cross_attention_dim
-    pooled_dim = MODELS[a.model][2]
     g = torch.Generator().manual_seed(1)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dev)
 
-    pooled = (rnd(1, pooled_dim), rnd(1, pooled_dim)) if pooled_dim else (None, None)
-    embeds = PromptEmbeds(rnd(1, 77, dim), rnd(1, 77, dim), *pooled)
+    if dit:  # SD3's [CLIP; T5] / Flux's T5 tokens, pooled projections: random, right shapes
+        embeds = dit_embeds(parts, a.model, dev, g)
+    else:
+        dim = parts.unet.config.cross_attention_dim
+        pooled_dim = MODELS[a.model][2]
+        pooled = (rnd(1, pooled_dim), rnd(1, pooled_dim)) if pooled_dim else (None, None)
+        embeds = PromptEmbeds(rnd(1, 77, dim), rnd(1, 77, dim), *pooled)
     image = torch.rand(1, 3, a.px, a.px, generator=g).to(dev)
     with torch.no_grad():  # warm the VAE too
         vae_encode(
             parts.vae,
-            to_diffusion_input(image, pipe.image_size, multiple=8).to(
+            to_diffusion_input(image, pipe.image_size, multiple=pipe.factor).to(
                 next(parts.vae.parameters()).dtype
             ),
         )
@@ -196,6 +212,20 @@ def child(a: argparse.Namespace) -> dict:
         """The same calls, bare: no hijack, no maps, no recomputation."""
         x = image.clone().requires_grad_(True)
         p = parts
+        if dit:
+            kw = dict(num_inference_steps=n_steps, num_steps=k, guidance=pipe.guidance)
+            start = clock()
+            lc = classifier_loss(classifier(x), [3])
+            xd = to_diffusion_input(x, pipe.image_size, multiple=pipe.factor)
+            z0 = vae_encode(p.vae, xd.to(next(p.vae.parameters()).dtype)).float()
+            zt = flow_invert(p.transformer, p.scheduler, z0, embeds, **kw)
+            out = flow_denoise(
+                p.transformer, p.scheduler, zt, embeds, guidance_scale=a.guidance, **kw
+            )
+            (lc + out.square().mean()).backward()
+            if cuda:
+                torch.cuda.synchronize()
+            return clock() - start
         added = None
         if p.variant == "sdxl":
             added = sdxl_added_cond_kwargs(
@@ -256,7 +286,11 @@ def child(a: argparse.Namespace) -> dict:
             + (", ATTNPATCH_MALLOC=0" if "ATTNPATCH_MALLOC" in os.environ else "")
         ),
         "torch": torch.__version__,
+        "parameters_b": sum(p.numel() for p in parts.denoiser.parameters()) / 1e9,
     }
+    if dit:
+        result["blocks"] = list(dit_blocks(parts))
+        result["embedded_guidance"] = pipe.guidance
     if a.weights_mode == "share":  # the cost of weights.mode = "share" (docs/performance.md)
         gc.collect()
         result["share_seconds"] = iteration("share-measuring")
@@ -274,6 +308,12 @@ def child(a: argparse.Namespace) -> dict:
     return result
 
 
+def _blocks(text: str) -> tuple[int, int]:
+    """``"D,S"`` -> ``(D, S)``."""
+    d, s = (int(v) for v in text.split(","))
+    return d, s
+
+
 def _row(r: dict) -> str:
     floor = f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else ""
     share = (
@@ -281,8 +321,9 @@ def _row(r: dict) -> str:
         if "share_ratio" in r
         else ""
     )
+    model = r["model"] + (" {}+{} blocks".format(*r["blocks"]) if "blocks" in r else "")
     return (
-        f"| {r['model']} | {r['px']} | {r['steps'][0]}/{r['steps'][1]} | {r['guidance']:g} | "
+        f"| {model} | {r['px']} | {r['steps'][0]}/{r['steps'][1]} | {r['guidance']:g} | "
         f"{r['memory']} | {r['dtype']} | {r['device']} | {r.get('malloc', '')} | "
         f"{r['baseline_gib']:.2f} | "
         f"**{r['growth_gib']:.2f}** | {r['seconds']:.1f} | {floor} |{share}"
@@ -291,7 +332,7 @@ def _row(r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=["sd2"], choices=sorted(MODELS))
+    parser.add_argument("--model", nargs="+", default=["sd2"], choices=ALL_MODELS)
     parser.add_argument("--px", nargs="+", type=int, default=[224])
     parser.add_argument("--steps", nargs=2, type=int, default=[20, 5], metavar=("N", "K"))
     parser.add_argument("--guidance", type=float, default=2.5)
@@ -323,11 +364,20 @@ def main() -> None:
         choices=["wall", "cpu"],
         help="cpu: the process's CPU time (all threads), for ratios on a busy machine",
     )
+    parser.add_argument(
+        "--flux-blocks",
+        nargs="+",
+        default=["2,4"],
+        metavar="D,S",
+        help="flux-reduced: double- and single-stream blocks (Flux-dev has 19,38); two or more "
+        "depths also print the growth per block and the computed full Flux-dev iteration",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        for name in ("model", "px", "memory", "dtype"):  # one case: the first of each
+        for name in ("model", "px", "memory", "dtype", "flux_blocks"):  # one case: the first
             setattr(args, name, getattr(args, name)[0])
         print(json.dumps(child(args)))
         return
@@ -338,7 +388,11 @@ def main() -> None:
     elif args.device == "cpu" and args.malloc == "off":
         env["ATTNPATCH_MALLOC"] = "0"
     results = []
+    cases = []
     for model, px, memory, dtype in itertools.product(args.model, args.px, args.memory, args.dtype):
+        depths = args.flux_blocks if model in ("flux-reduced", "tiny-flux") else ["2,4"]
+        cases += [(model, px, memory, dtype, d) for d in depths]
+    for model, px, memory, dtype, blocks in cases:
         cmd = [sys.executable, __file__, "--child", "--model", model, "--px", str(px)]
         cmd += ["--steps", *map(str, args.steps), "--guidance", str(args.guidance)]
         cmd += ["--memory", memory, "--dtype", dtype, "--device", args.device]
@@ -352,6 +406,7 @@ def main() -> None:
             if on
         ]
         cmd += ["--weights-mode", args.weights_mode, "--clock", args.clock]
+        cmd += ["--flux-blocks", blocks, "--threads", str(args.threads)]
         start = time.time()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -379,6 +434,8 @@ def main() -> None:
     print("|---|---:|---|---:|---|---|---|---|---:|---:|---:|---:|")
     for r in results:
         print(_row(r))
+    for line in flux_per_block(results):
+        print(line)
 
 
 if __name__ == "__main__":
