@@ -45,7 +45,7 @@ from .distributed import SINGLE, Dist, from_environment
 from .environment import environment
 from .evaluate import EvalResult, evaluate_patch
 from .figures import scale_curve, write_figures, write_patch_figure
-from .run_folder import RunFolder, check_out_dir, last_checkpoint, out_dir_path
+from .run_folder import MARKER, RunFolder, check_out_dir, last_checkpoint, out_dir_path
 from .tracking import RunTracking
 from .trainer import PatchTrainer
 
@@ -187,6 +187,13 @@ def run_training(
     """
     cfg.validate()
     out = out_dir_path(cfg.train.out_dir)
+    if not (resume or overwrite) and _finished_here(out, cfg):
+        log(
+            f"{out} already holds this run, finished ({cfg.train.iterations} iterations, the same "
+            "config): its result is evaluated again, nothing is trained; pass --overwrite to "
+            "train it again, or choose another train.out_dir"
+        )
+        resume = True
     with num_threads(cfg.train.threads), RunTracking(cfg) as tracking:  # checks its package
         dist = from_environment(cfg.models.device, cfg.train.collective_timeout_minutes)
         with _claim(out, resume, overwrite, dist) as folder:
@@ -196,6 +203,21 @@ def run_training(
                 if e.errno not in WRITE_ERRORS:
                     raise
                 raise RunFolderError(_write_failure(out, e, dist)) from e
+
+
+def _finished_here(out: Path, cfg: TrainConfig) -> bool:
+    """``out`` is attnpatch's run folder of a finished run of exactly ``cfg``: the last
+    checkpoint is at ``train.iterations`` and ``config.json`` equals ``cfg``. Running the same
+    command again then shows that run's result (as ``--resume`` does) instead of refusing."""
+    if not (out / MARKER).is_file() or not (out / "summary.json").is_file():
+        return False
+    if last_checkpoint(out) != f"it-{cfg.train.iterations:06d}":
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return saved == json.loads(json.dumps(config_to_dict(cfg)))
 
 
 #: errno values of a write that failed for lack of space or permission.

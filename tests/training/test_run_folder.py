@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from attnpatch.cli import main
 from attnpatch.errors import ConfigError, RunFolderError
@@ -91,6 +92,37 @@ def test_an_earlier_run_without_a_checkpoint_needs_overwrite(tmp_path, capsys):
     fails(capsys, ["train", "--train.out_dir", str(out), *FAST], "no checkpoint", "--overwrite")
     assert snapshot(out) == before
     assert main(["train", "--train.out_dir", str(out), *FAST, "--overwrite"]) == 0
+
+
+def test_the_same_command_twice_shows_the_finished_run_and_trains_nothing(tmp_path, capsys):
+    # was: the README's main job run a second time (or `.ci/run` after it) was refused
+    out = tmp_path / "run"
+    argv = ["train", "--train.out_dir", str(out), *FAST]
+    assert main(argv) == 0
+    capsys.readouterr()
+    trained = {k: v for k, v in snapshot(out).items() if k != "summary.json"}
+    assert main(argv) == 0
+    err_out = capsys.readouterr()
+    assert "already holds this run, finished" in err_out.out + err_out.err
+    assert {k: v for k, v in snapshot(out).items() if k != "summary.json"}.keys() >= trained.keys()
+    for name in ("metrics.jsonl", "config.json"):
+        assert (out / name).read_bytes() == trained[name], name  # nothing trained again
+    # the patch file is written again: the same tensors and metadata (safetensors orders the
+    # metadata keys as it likes, so the bytes may differ)
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    with safe_open(str(out / "patch.safetensors"), "pt") as f:
+        meta = f.metadata()
+    again = load((out / "patch.safetensors").read_bytes())
+    first = load(trained["patch.safetensors"])
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    assert meta["extra"] and json.loads(meta["extra"])["config"]
+    # a different config, or a run stopped before its last iteration, is still refused
+    fails(capsys, [*argv, "--train.lr", "0.1"], "already holds a run", "--overwrite")
+    fails(capsys, ["train", "--train.out_dir", str(out), *FAST, "--train.iterations", "3"],
+          "already holds a run")  # fmt: skip
 
 
 def test_a_refused_run_leaves_no_marker_or_folder(tmp_path, capsys):
