@@ -99,8 +99,13 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     ):
         with Image.open(out / name) as im:
             assert im.size[0] > 8 and im.size[1] > 8
-    # a second run into the same folder must not silently overwrite it
-    assert main(["train", "--train.out_dir", str(out), *FAST]) == 2
+    # a second run into the same folder must not silently overwrite it: the same command
+    # shows the finished run (nothing trained), another config is refused
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["train", "--train.out_dir", str(out), *FAST]) == 0
+    assert (out / "metrics.jsonl").read_text() == before
+    capsys.readouterr()
+    assert main(["train", "--train.out_dir", str(out), *FAST, "--train.lr", "0.01"]) == 2
     assert "--resume" in capsys.readouterr().err
     before = (out / "metrics.jsonl").read_text()
     # resume with more iterations continues from the checkpoint

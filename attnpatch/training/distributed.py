@@ -101,6 +101,17 @@ class Dist:
             gathered = self.accelerator.gather(tensor.detach().contiguous()[None])
         return list(gathered.unbind(0))
 
+    def close(self) -> None:
+        """Destroy the process groups (this process's side; no collective). Without it the
+        interpreter's exit may tear gloo's threads down in the wrong order and abort the
+        process ("terminate called without an active exception", exit -6) after a finished
+        run. Idempotent; nothing to do single-process."""
+        if self.world > 1:
+            import torch.distributed as torch_dist
+
+            if torch_dist.is_available() and torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.world > 1:
             with self.collective("a barrier"):

@@ -196,13 +196,16 @@ def run_training(
         resume = True
     with num_threads(cfg.train.threads), RunTracking(cfg) as tracking:  # checks its package
         dist = from_environment(cfg.models.device, cfg.train.collective_timeout_minutes)
-        with _claim(out, resume, overwrite, dist) as folder:
-            try:
-                return _run(cfg, out, resume, log, dist, tracking, folder)
-            except OSError as e:
-                if e.errno not in WRITE_ERRORS:
-                    raise
-                raise RunFolderError(_write_failure(out, e, dist)) from e
+        try:
+            with _claim(out, resume, overwrite, dist) as folder:
+                try:
+                    return _run(cfg, out, resume, log, dist, tracking, folder)
+                except OSError as e:
+                    if e.errno not in WRITE_ERRORS:
+                        raise
+                    raise RunFolderError(_write_failure(out, e, dist)) from e
+        finally:
+            dist.close()
 
 
 def _finished_here(out: Path, cfg: TrainConfig) -> bool:
