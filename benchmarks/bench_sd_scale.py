@@ -49,21 +49,9 @@ import sys
 import time
 
 from dit_parts import DIT_MODELS, build_dit, dit_blocks, dit_embeds, flux_per_block
+from dit_parts import SD_VAE_CONFIG as VAE_CONFIG
 from timing import PeakMeter, machine
 
-#: The SD 1.x / 2.x / SDXL ``AutoencoderKL`` (``vae/config.json``; SDXL differs only in
-#: ``scaling_factor``).
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-)
 #: model -> (reference UNet config, VAE scaling factor, pooled width or None)
 MODELS = {
     "sd15": ("sd15", 0.18215, None),

@@ -26,16 +26,25 @@ from __future__ import annotations
 
 from typing import Any
 
-#: SD3's / Flux's ``vae/config.json`` (``AutoencoderKL``; they differ in their factors only)
-DIT_VAE_CONFIG: dict[str, Any] = dict(
+#: The SD 1.x / 2.x / SDXL ``AutoencoderKL`` (``vae/config.json``; SDXL differs only in
+#: ``scaling_factor``); ``bench_sd_scale.py``'s UNet rows use it as is.
+SD_VAE_CONFIG: dict[str, Any] = dict(
     in_channels=3,
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
     block_out_channels=(128, 256, 512, 512),
     layers_per_block=2,
-    latent_channels=16,
+    latent_channels=4,
     norm_num_groups=32,
+    sample_size=512,
+)
+
+#: SD3's / Flux's ``vae/config.json``: SD's ``AutoencoderKL`` with 16 latent channels and no
+#: quant convs (they differ from each other in their factors only)
+DIT_VAE_CONFIG: dict[str, Any] = dict(
+    SD_VAE_CONFIG,
+    latent_channels=16,
     sample_size=1024,
     use_quant_conv=False,
     use_post_quant_conv=False,
