@@ -188,11 +188,12 @@ def run_training(
     cfg.validate()
     out = out_dir_path(cfg.train.out_dir)
     if not (resume or overwrite) and _finished_here(out, cfg):
-        log(
-            f"{out} already holds this run, finished ({cfg.train.iterations} iterations, the same "
-            "config): its result is evaluated again, nothing is trained; pass --overwrite to "
-            "train it again, or choose another train.out_dir"
-        )
+        if os.environ.get("RANK", "0") == "0":  # process 0 speaks (before the process group)
+            log(
+                f"{out} already holds this run, finished ({cfg.train.iterations} iterations, the "
+                "same config): its result is evaluated again, nothing is trained; pass "
+                "--overwrite to train it again, or choose another train.out_dir"
+            )
         resume = True
     with num_threads(cfg.train.threads), RunTracking(cfg) as tracking:  # checks its package
         dist = from_environment(cfg.models.device, cfg.train.collective_timeout_minutes)
